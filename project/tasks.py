@@ -1,0 +1,65 @@
+"""Demo and test tasks. A user's project writes tasks exactly like these."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from celery import shared_task
+
+from supervisor_app import NonRetryable, SupervisedTask
+
+from .models import Execution
+
+
+def _record(task: Any, label: str) -> None:
+    Execution.objects.create(
+        run_id=task.run_id,
+        attempt=task.attempt,
+        label=label,
+        worker=str(task.request.hostname or ""),
+        pid=os.getpid(),
+    )
+
+
+@shared_task(base=SupervisedTask, bind=True)
+def noop(self: SupervisedTask) -> None:
+    return None
+
+
+@shared_task(base=SupervisedTask, bind=True)
+def slow_job(self: SupervisedTask, steps: int = 5, step_seconds: float = 1.0, label: str = "") -> int:
+    """A batch of ``steps`` chunks; resumes from the last checkpoint of a lost attempt."""
+    start = int(self.checkpoint or 0)
+    for step in range(start, steps):
+        time.sleep(step_seconds)
+        # Saves the checkpoint with the lease; raises LeaseLost in a zombie before it writes anything.
+        self.heartbeat(progress={"step": step + 1, "of": steps}, checkpoint=step + 1)
+    self.heartbeat()
+    _record(self, label)
+    return steps
+
+
+@shared_task(base=SupervisedTask, bind=True)
+def quiet_job(self: SupervisedTask, seconds: float = 5.0, label: str = "") -> None:
+    """Long body that never calls heartbeat(): the lease is kept by the worker's lease keeper."""
+    time.sleep(seconds)
+    _record(self, label)
+
+
+@shared_task(base=SupervisedTask, bind=True, backoff=0.2, backoff_max=1.0, backoff_jitter=False)
+def flaky(self: SupervisedTask, mode: str = "retryable", label: str = "") -> None:
+    _record(self, label)
+    if mode == "retryable":
+        raise ValueError("temporary trouble")
+    if mode == "fatal":
+        raise NonRetryable("bad input, retrying will not help")
+    if mode == "fail_once" and (self.attempt or 1) < 2:
+        raise ConnectionError("first attempt fails")
+
+
+@shared_task
+def plain_noop() -> None:
+    """A plain Celery task, the benchmarks' baseline."""
+    return None

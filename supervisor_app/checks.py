@@ -1,0 +1,66 @@
+"""System checks: invalid ``SUPERVISOR_*`` settings fail at start-up with a clear message."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.core.checks import CheckMessage, Error, Warning
+
+from .conf import SETTINGS, supervisor_settings
+from .states import exception_types
+
+
+def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
+    errors: list[CheckMessage] = []
+    values: dict[str, Any] = {}
+    for name, spec in SETTINGS.items():
+        try:
+            values[name] = getattr(supervisor_settings, name)
+        except TypeError as exc:
+            errors.append(Error(str(exc), id="supervisor_app.E001"))
+            continue
+        value = values[name]
+        if spec.duration and value is not None and value <= 0:
+            errors.append(Error(f"SUPERVISOR_{name} must be positive, got {value!r}", id="supervisor_app.E002"))
+    for name in ("MAX_ATTEMPTS", "SWEEP_BATCH_SIZE"):
+        value = values.get(name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            errors.append(Error(f"SUPERVISOR_{name} must be an integer >= 1, got {value!r}", id="supervisor_app.E003"))
+    lease, beat = values.get("LEASE_TIMEOUT"), values.get("HEARTBEAT_INTERVAL")
+    if isinstance(lease, float) and isinstance(beat, float) and lease > 0 and beat > 0:
+        if lease <= beat:
+            errors.append(
+                Error(
+                    f"SUPERVISOR_LEASE_TIMEOUT ({lease}s) must be larger than SUPERVISOR_HEARTBEAT_INTERVAL "
+                    f"({beat}s), or every lease expires between two renewals.",
+                    hint="Use a lease timeout of at least twice the heartbeat interval.",
+                    id="supervisor_app.E004",
+                )
+            )
+        elif lease < 2 * beat:
+            errors.append(
+                Warning(
+                    f"SUPERVISOR_LEASE_TIMEOUT ({lease}s) is less than twice SUPERVISOR_HEARTBEAT_INTERVAL "
+                    f"({beat}s): one slow renewal loses the lease.",
+                    id="supervisor_app.W001",
+                )
+            )
+    for name in ("RETRYABLE_EXCEPTIONS", "NON_RETRYABLE_EXCEPTIONS"):
+        try:
+            exception_types(values.get(name) or [])
+        except (ImportError, TypeError) as exc:
+            errors.append(Error(f"SUPERVISOR_{name}: {exc}", id="supervisor_app.E005"))
+    return errors
+
+
+def check_celery(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
+    """Refuse pickle: a supervised run's arguments are stored as JSON and must travel as JSON."""
+    from django.conf import settings
+
+    messages: list[CheckMessage] = []
+    for name in ("CELERY_TASK_SERIALIZER", "CELERY_RESULT_SERIALIZER"):
+        if getattr(settings, name, "json") == "pickle":
+            messages.append(Error(f"{name} is 'pickle'; supervisor_app requires JSON.", id="supervisor_app.E010"))
+    if "pickle" in (getattr(settings, "CELERY_ACCEPT_CONTENT", None) or []):
+        messages.append(Error("CELERY_ACCEPT_CONTENT allows pickle; supervisor_app requires JSON.", id="supervisor_app.E011"))
+    return messages

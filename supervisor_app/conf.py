@@ -1,0 +1,189 @@
+"""Lazy, typed access to the ``SUPERVISOR_*`` settings.
+
+Every value is read from ``django.conf.settings`` at access time, never cached at import, so
+``override_settings`` and per-test settings work. Durations are accepted as seconds (int or float)
+or as :class:`datetime.timedelta` and are always returned as float seconds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from django.conf import settings as django_settings
+
+PREFIX = "SUPERVISOR_"
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One documented setting: its default and what it means (used by the docs and checks)."""
+
+    name: str
+    default: Any
+    doc: str
+    duration: bool = False
+
+
+#: Every setting the app reads, with its default. The README's settings reference is generated from
+#: (and tested against) this table.
+SETTINGS: dict[str, Setting] = {
+    s.name: s
+    for s in [
+        Setting(
+            "HEARTBEAT_INTERVAL",
+            10.0,
+            "Seconds between two lease renewals by a worker process.",
+            duration=True,
+        ),
+        Setting(
+            "LEASE_TIMEOUT",
+            60.0,
+            "Seconds a lease lasts after a renewal. A run whose lease is older is considered lost. "
+            "Must be larger than the heartbeat interval (at least 2x is advised).",
+            duration=True,
+        ),
+        Setting(
+            "SWEEP_INTERVAL",
+            5.0,
+            "Seconds between two supervisor sweeps (`manage.py supervise`).",
+            duration=True,
+        ),
+        Setting("MAX_ATTEMPTS", 3, "Attempts a run gets before it is `dead`."),
+        Setting(
+            "START_TIMEOUT",
+            None,
+            "Seconds a published attempt may wait before a worker starts it; after that the "
+            "supervisor publishes it again (a worker that hung with the message prefetched). "
+            "None means the lease timeout.",
+            duration=True,
+        ),
+        Setting(
+            "BACKOFF",
+            2.0,
+            "Base delay in seconds of the exponential backoff between attempts after a retryable error.",
+            duration=True,
+        ),
+        Setting(
+            "BACKOFF_MAX",
+            600.0,
+            "Upper bound in seconds of the backoff delay.",
+            duration=True,
+        ),
+        Setting("BACKOFF_JITTER", True, "Randomise backoff delays (full jitter) to avoid thundering herds."),
+        Setting(
+            "MAX_RUNTIME",
+            None,
+            "Seconds an attempt may run before the supervisor revokes it and retries (None: no limit).",
+            duration=True,
+        ),
+        Setting(
+            "RETRYABLE_EXCEPTIONS",
+            ["builtins.Exception"],
+            "Dotted paths of exception classes that are retried (tasks may override).",
+        ),
+        Setting(
+            "NON_RETRYABLE_EXCEPTIONS",
+            [],
+            "Dotted paths of exception classes that fail a run at once; they win over retryable ones. "
+            "`supervisor_app.NonRetryable` is always non-retryable.",
+        ),
+        Setting("SWEEP_BATCH_SIZE", 500, "Rows the supervisor locks and handles per batch."),
+        Setting(
+            "SWEEP_TIME_LIMIT",
+            30.0,
+            "A sweep stops starting new batches after this many seconds, so it can never stall.",
+            duration=True,
+        ),
+        Setting(
+            "STALE_AFTER",
+            None,
+            "Seconds after which a silent supervisor or beat is reported stale. "
+            "None means three sweep intervals plus the lease timeout.",
+            duration=True,
+        ),
+    ]
+}
+
+
+def _seconds(name: str, value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, timedelta):
+        return value.total_seconds()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{PREFIX}{name} must be a number of seconds or a timedelta, not {value!r}")
+    return float(value)
+
+
+class SupervisorSettings:
+    """Attribute access to ``SUPERVISOR_<NAME>`` with the defaults of :data:`SETTINGS`."""
+
+    def raw(self, name: str) -> Any:
+        spec = SETTINGS[name]
+        return getattr(django_settings, PREFIX + name, spec.default)
+
+    def __getattr__(self, name: str) -> Any:
+        if name not in SETTINGS:
+            raise AttributeError(name)
+        value = self.raw(name)
+        if SETTINGS[name].duration:
+            return _seconds(name, value)
+        return value
+
+    # Typed accessors for the values used on hot paths (mypy sees these, not __getattr__).
+    @property
+    def heartbeat_interval(self) -> float:
+        return float(_seconds("HEARTBEAT_INTERVAL", self.raw("HEARTBEAT_INTERVAL")) or 0.0)
+
+    @property
+    def lease_timeout(self) -> float:
+        return float(_seconds("LEASE_TIMEOUT", self.raw("LEASE_TIMEOUT")) or 0.0)
+
+    @property
+    def sweep_interval(self) -> float:
+        return float(_seconds("SWEEP_INTERVAL", self.raw("SWEEP_INTERVAL")) or 0.0)
+
+    @property
+    def max_attempts(self) -> int:
+        return int(self.raw("MAX_ATTEMPTS"))
+
+    @property
+    def start_timeout(self) -> float:
+        value = _seconds("START_TIMEOUT", self.raw("START_TIMEOUT"))
+        return self.lease_timeout if value is None else value
+
+    @property
+    def max_runtime(self) -> float | None:
+        return _seconds("MAX_RUNTIME", self.raw("MAX_RUNTIME"))
+
+    @property
+    def retry_backoff(self) -> float:
+        return float(_seconds("BACKOFF", self.raw("BACKOFF")) or 0.0)
+
+    @property
+    def retry_backoff_max(self) -> float:
+        return float(_seconds("BACKOFF_MAX", self.raw("BACKOFF_MAX")) or 0.0)
+
+    @property
+    def backoff_jitter(self) -> bool:
+        return bool(self.raw("BACKOFF_JITTER"))
+
+    @property
+    def sweep_batch_size(self) -> int:
+        return int(self.raw("SWEEP_BATCH_SIZE"))
+
+    @property
+    def sweep_time_limit(self) -> float:
+        return float(_seconds("SWEEP_TIME_LIMIT", self.raw("SWEEP_TIME_LIMIT")) or 0.0)
+
+    @property
+    def stale_after(self) -> float:
+        value = _seconds("STALE_AFTER", self.raw("STALE_AFTER"))
+        if value is None:
+            return 3 * self.sweep_interval + self.lease_timeout
+        return value
+
+
+supervisor_settings = SupervisorSettings()

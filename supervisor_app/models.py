@@ -1,0 +1,149 @@
+"""The durable record: one ``SupervisedRun`` per logical run, one ``RunAttempt`` per attempt."""
+
+from __future__ import annotations
+
+from django.db import models
+from django.db.models import Q
+
+from .querysets import RunQuerySet
+from .states import ACTIVE_STATUSES, AttemptOutcome, RunStatus
+
+
+class SupervisedRun(models.Model):
+    """One logical run: a schedule slot or an ad-hoc ``.delay()``.
+
+    ``worker``, ``started_at``, ``heartbeat_at`` and ``lease_expires_at`` describe the *current*
+    attempt (``attempt``). The attempt number is the fencing token: every agent write is conditional
+    on it (see ``services``).
+    """
+
+    task_name = models.CharField(max_length=255)
+    periodic_task = models.ForeignKey(
+        "django_celery_beat.PeriodicTask",
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="supervised_runs",
+        # The (periodic_task, scheduled_for) unique constraint already indexes this column first.
+        db_index=False,
+    )
+    scheduled_for = models.DateTimeField(null=True, blank=True, help_text="The schedule slot.")
+    args = models.JSONField(default=list, blank=True)
+    kwargs = models.JSONField(default=dict, blank=True)
+    #: Publishing options kept for re-publishing (queue, routing key, priority...).
+    options = models.JSONField(default=dict, blank=True)
+
+    status = models.CharField(max_length=16, choices=RunStatus.choices, default=RunStatus.QUEUED)
+    attempt = models.PositiveIntegerField(default=1)
+    max_attempts = models.PositiveIntegerField(default=3)
+
+    worker = models.CharField(max_length=255, blank=True, default="")
+    task_id = models.CharField(max_length=255, blank=True, default="", help_text="Celery id of the current attempt.")
+    heartbeat_at = models.DateTimeField(null=True, blank=True)
+    lease_expires_at = models.DateTimeField(null=True, blank=True)
+    lease_timeout = models.DurationField(help_text="Lease length granted at claim and renewal.")
+    start_timeout = models.DurationField(help_text="How long a published attempt may wait to start.")
+    max_runtime = models.DurationField(null=True, blank=True)
+    deadline_at = models.DateTimeField(null=True, blank=True, help_text="Max runtime of the current attempt.")
+    #: When the supervisor should look at a queued (republish) or retrying (dispatch) run next.
+    next_check_at = models.DateTimeField(null=True, blank=True)
+    publish_count = models.PositiveIntegerField(default=0)
+
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    last_error = models.TextField(blank=True, default="")
+    progress = models.JSONField(null=True, blank=True)
+    checkpoint = models.JSONField(null=True, blank=True)
+    cancel_requested = models.BooleanField(default=False)
+
+    objects = RunQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        constraints = [
+            # Two beats, a restarted beat or a catch-up cannot record the same slot twice.
+            models.UniqueConstraint(
+                fields=["periodic_task", "scheduled_for"],
+                condition=Q(periodic_task__isnull=False),
+                name="supervisor_run_unique_slot",
+            ),
+            models.CheckConstraint(condition=Q(attempt__gte=1), name="supervisor_run_attempt_gte_1"),
+            models.CheckConstraint(
+                condition=Q(status__in=[s.value for s in RunStatus]), name="supervisor_run_status_valid"
+            ),
+        ]
+        indexes = [
+            # The sweep's queries read only active rows: these partial indexes stay small however
+            # long the history grows.
+            models.Index(
+                fields=["lease_expires_at"],
+                condition=Q(status=RunStatus.RUNNING),
+                name="supervisor_run_lease_active",
+            ),
+            models.Index(
+                fields=["next_check_at"],
+                condition=Q(status__in=[RunStatus.QUEUED, RunStatus.RETRYING]),
+                name="supervisor_run_next_check",
+            ),
+            models.Index(
+                fields=["deadline_at"],
+                condition=Q(status=RunStatus.RUNNING, deadline_at__isnull=False),
+                name="supervisor_run_deadline",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.task_name} #{self.pk} ({self.status}, attempt {self.attempt})"
+
+    @property
+    def is_active(self) -> bool:
+        return self.status in ACTIVE_STATUSES
+
+
+class RunAttempt(models.Model):
+    """History: one row per attempt of a run."""
+
+    run = models.ForeignKey(SupervisedRun, on_delete=models.CASCADE, related_name="attempts", db_index=False)
+    number = models.PositiveIntegerField()
+    task_id = models.CharField(max_length=255, blank=True, default="")
+    worker = models.CharField(max_length=255, blank=True, default="")
+    outcome = models.CharField(max_length=16, choices=AttemptOutcome.choices, default=AttemptOutcome.PENDING)
+    created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    ended_at = models.DateTimeField(null=True, blank=True)
+    error = models.TextField(blank=True, default="")
+    traceback = models.TextField(blank=True, default="")
+
+    class Meta:
+        ordering = ["run_id", "number"]
+        constraints = [
+            # Two supervisors cannot both re-enqueue the same lost attempt.
+            models.UniqueConstraint(fields=["run", "number"], name="supervisor_attempt_unique_number"),
+        ]
+
+    def __str__(self) -> str:
+        return f"run {self.run_id} attempt {self.number} ({self.outcome})"
+
+
+class ProcessHeartbeat(models.Model):
+    """Liveness of supervisors and beats, so the admin and health checks can tell they are alive."""
+
+    class Kind(models.TextChoices):
+        SUPERVISOR = "supervisor", "supervisor"
+        BEAT = "beat", "beat"
+
+    kind = models.CharField(max_length=16, choices=Kind.choices)
+    name = models.CharField(max_length=255, help_text="host:pid of the process.")
+    started_at = models.DateTimeField()
+    last_seen = models.DateTimeField()
+    #: Figures of the last cycle (sweep counts and duration, beat sends...).
+    stats = models.JSONField(default=dict, blank=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["kind", "name"], name="supervisor_process_unique")]
+        indexes = [models.Index(fields=["kind", "-last_seen"], name="supervisor_process_seen")]
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.name}"

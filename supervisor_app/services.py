@@ -1,0 +1,576 @@
+"""Every write to the run tables, in one place.
+
+Each state change is a conditional ``UPDATE`` whose row count (or ``RETURNING`` rows) decides who
+won: the claim is ``WHERE status='queued' AND attempt=N``, every agent write is ``WHERE attempt=N AND
+status='running'``, every supervisor action re-checks the condition that selected the row. Nothing
+relies on a lock held in memory. Times come from the database (``Now()``), never from the caller.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import operator
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import reduce
+from datetime import timedelta
+from typing import Any
+
+from django.db import IntegrityError, connections, router, transaction
+from django.db.models import Case, DateTimeField, DurationField, ExpressionWrapper, F, Q, Value, When
+from django.db.models.expressions import Combinable
+from django.db.models.functions import Now
+from django.db.models.sql import UpdateQuery
+
+from . import signals
+from .conf import supervisor_settings
+from .models import RunAttempt, SupervisedRun
+from .states import AttemptOutcome, FailureDecision, RunStatus, republish_delay
+
+logger = logging.getLogger("supervisor_app")
+
+#: Message headers that carry the run and the attempt (the fencing token) to the agent. Headers,
+#: not keyword arguments: a task's signature would reject unknown kwargs.
+HEADER_RUN = "supervisor_run"
+HEADER_ATTEMPT = "supervisor_attempt"
+
+#: Publishing options kept on the run and reused when the supervisor publishes again.
+KEPT_OPTIONS = ("queue", "routing_key", "exchange", "priority", "expires")
+
+
+def _after(delta: Combinable | timedelta) -> ExpressionWrapper:
+    """``now() + delta`` computed by the database."""
+    rhs = Value(delta, output_field=DurationField()) if isinstance(delta, timedelta) else delta
+    return ExpressionWrapper(Now() + rhs, output_field=DateTimeField())
+
+
+def _seconds(value: float | None) -> timedelta | None:
+    return None if value is None else timedelta(seconds=value)
+
+
+def new_task_id(run_id: int, attempt: int) -> str:
+    # Each attempt gets its own Celery id, so revoking a timed-out attempt never revokes the next.
+    return f"{run_id}.{attempt}.{uuid.uuid4().hex[:12]}"
+
+
+def update_returning(qs: Any, returning: Sequence[str], **values: Any) -> list[dict[str, Any]]:
+    """``qs.update(**values)`` that also returns ``returning`` columns of the updated rows.
+
+    One statement (``UPDATE … RETURNING``, PostgreSQL and SQLite ≥ 3.35), so a claim or heartbeat
+    learns what it needs without a second round trip.
+    """
+    query = qs.query.chain(UpdateQuery)
+    query.add_update_values(values)
+    compiler = query.get_compiler(qs.db)
+    sql, params = compiler.as_sql()
+    model = qs.model
+    cols = [model._meta.get_field(name) for name in returning]
+    sql = f"{sql} RETURNING {', '.join(connections[qs.db].ops.quote_name(f.column) for f in cols)}"
+    with connections[qs.db].cursor() as cursor:
+        cursor.execute(sql, params)
+        rows = cursor.fetchall()
+    conn = connections[qs.db]
+    out = []
+    for row in rows:
+        item = {}
+        for field, raw in zip(cols, row, strict=True):
+            value = raw
+            # Same order as the ORM's compiler: backend converters, then the field's own.
+            col = field.get_col(model._meta.db_table)
+            for converter in [*conn.ops.get_db_converters(col), *col.get_db_converters(conn)]:
+                value = converter(value, col, conn)
+            item[field.name] = value
+        out.append(item)
+    return out
+
+
+# --------------------------------------------------------------------------- dispatch
+
+
+@dataclass(frozen=True)
+class RunPolicy:
+    """The supervision values recorded on a run when it is created."""
+
+    max_attempts: int
+    lease_timeout: float
+    start_timeout: float
+    max_runtime: float | None
+
+
+def check_json(task_name: str, args: Any, kwargs: Any) -> None:
+    """Refuse arguments that would not survive the JSON round trip, before anything is recorded."""
+    try:
+        json.dumps([args, kwargs], allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{task_name}: arguments of a supervised task must be JSON-serialisable ({exc})") from exc
+
+
+def create_run(
+    task_name: str,
+    args: Sequence[Any] | None,
+    kwargs: Mapping[str, Any] | None,
+    policy: RunPolicy,
+    *,
+    options: Mapping[str, Any] | None = None,
+    countdown: float | None = None,
+    periodic_task_id: int | None = None,
+    scheduled_for: Any = None,
+    status: str = RunStatus.QUEUED,
+) -> SupervisedRun | None:
+    """Record a run and, after commit, publish its first attempt.
+
+    For a schedule slot, returns None when the slot is already recorded (another beat won), in which
+    case nothing is published. With ``countdown`` the run waits, recorded, and the supervisor
+    publishes it when due (no ETA held in a worker's memory).
+    """
+    args = list(args or [])
+    kwargs = dict(kwargs or {})
+    check_json(task_name, args, kwargs)
+    kept = {k: v for k, v in (options or {}).items() if k in KEPT_OPTIONS and v is not None}
+    delay = countdown or 0.0
+    fields: dict[str, Any] = dict(
+        task_name=task_name,
+        args=args,
+        kwargs=kwargs,
+        options=kept,
+        status=status,
+        max_attempts=policy.max_attempts,
+        lease_timeout=timedelta(seconds=policy.lease_timeout),
+        start_timeout=timedelta(seconds=policy.start_timeout),
+        max_runtime=_seconds(policy.max_runtime),
+        periodic_task_id=periodic_task_id,
+        scheduled_for=scheduled_for,
+        # publish_count is optimistic: a failed publish resets it (see publish()).
+        publish_count=0 if delay or status != RunStatus.QUEUED else 1,
+        next_check_at=_after(timedelta(seconds=delay or policy.start_timeout))
+        if status == RunStatus.QUEUED
+        else None,
+    )
+    if status != RunStatus.QUEUED:
+        fields["finished_at"] = Now()
+    if periodic_task_id is not None:
+        try:
+            with transaction.atomic(using=router.db_for_write(SupervisedRun)):
+                run = SupervisedRun.objects.create(**fields)
+        except IntegrityError:
+            return None  # the slot is recorded already: whoever inserted it publishes it
+    else:
+        run = SupervisedRun.objects.create(**fields)
+    # The id is known only after the insert; a second short write is avoided by deriving the first
+    # attempt's task id from it lazily: attempt 1 uses "<id>.1".
+    run.task_id = f"{run.pk}.1"
+    if status == RunStatus.QUEUED and not delay:
+        run_id = run.pk
+        transaction.on_commit(lambda: publish_by_id(run_id), using=router.db_for_write(SupervisedRun))
+    return run
+
+
+def first_task_id(run_id: int) -> str:
+    return f"{run_id}.1"
+
+
+# --------------------------------------------------------------------------- publishing
+
+
+class Publisher:
+    """Sends attempts to the broker; after one failure it stops trying for its lifetime (a sweep),
+    so a broker outage costs one connection error per sweep, not one per run."""
+
+    def __init__(self) -> None:
+        self.broken = False
+        self.sent = 0
+        self.failed = 0
+
+    def publish(self, run_id: int, attempt: int, task_name: str, args: Any, kwargs: Any, options: Any, task_id: str) -> bool:
+        if not self.broken:
+            try:
+                _send(run_id, attempt, task_name, args, kwargs, options, task_id)
+                self.sent += 1
+                return True
+            except Exception as exc:  # broker down, DNS, auth...: the run stays queued
+                self.broken = True
+                logger.warning(
+                    "could not publish run %s attempt %s (%s); it stays queued and "
+                    "the supervisor will publish it again",
+                    run_id,
+                    attempt,
+                    type(exc).__name__,
+                )
+        self.failed += 1
+        # Ask the next sweep to try again rather than waiting for the start timeout.
+        SupervisedRun.objects.filter(pk=run_id, attempt=attempt, status=RunStatus.QUEUED).update(
+            next_check_at=Now(), publish_count=0
+        )
+        return False
+
+
+def _send(run_id: int, attempt: int, task_name: str, args: Any, kwargs: Any, options: Any, task_id: str) -> None:
+    from celery import current_app
+
+    current_app.send_task(
+        task_name,
+        args=args,
+        kwargs=kwargs,
+        task_id=task_id,
+        headers={HEADER_RUN: run_id, HEADER_ATTEMPT: attempt},
+        # No in-process retries: the run is durable, the supervisor publishes it again.
+        retry=False,
+        **(options or {}),
+    )
+
+
+def publish_by_id(run_id: int, publisher: Publisher | None = None) -> bool:
+    """Publish the current attempt of a queued run (reads it back first)."""
+    row = (
+        SupervisedRun.objects.filter(pk=run_id, status=RunStatus.QUEUED)
+        .values("attempt", "task_name", "args", "kwargs", "options", "task_id")
+        .first()
+    )
+    if row is None:
+        return False
+    task_id = row["task_id"] or first_task_id(run_id)
+    return (publisher or Publisher()).publish(
+        run_id, row["attempt"], row["task_name"], row["args"], row["kwargs"], row["options"], task_id
+    )
+
+
+def _publish_on_commit(run: SupervisedRun, attempt: int, task_id: str, publisher: Publisher) -> None:
+    args = (run.pk, attempt, run.task_name, run.args, run.kwargs, run.options, task_id)
+    transaction.on_commit(lambda: publisher.publish(*args), using=router.db_for_write(SupervisedRun))
+
+
+def _send_on_commit(signal: Any, run_id: int, **extra: Any) -> None:
+    def send() -> None:
+        run = SupervisedRun.objects.filter(pk=run_id).first()
+        if run is not None:
+            signal.send_robust(sender=SupervisedRun, run=run, **extra)
+
+    transaction.on_commit(send, using=router.db_for_write(SupervisedRun))
+
+
+# --------------------------------------------------------------------------- agent side
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What an agent learns when it wins the claim of an attempt."""
+
+    run_id: int
+    attempt: int
+    max_attempts: int
+    lease_timeout: float
+    checkpoint: Any
+
+
+def claim(run_id: int, attempt: int, worker: str, task_id: str = "") -> Claim | None:
+    """queued → running for attempt ``attempt``; None when another delivery or attempt has it."""
+    values: dict[str, Any] = dict(
+        status=RunStatus.RUNNING,
+        worker=worker[:255],
+        started_at=Now(),
+        heartbeat_at=Now(),
+        lease_expires_at=_after(F("lease_timeout")),
+        deadline_at=Case(
+            When(max_runtime__isnull=False, then=_after(F("max_runtime"))),
+            default=None,
+            output_field=DateTimeField(),
+        ),
+        next_check_at=None,
+        finished_at=None,
+    )
+    if task_id:
+        values["task_id"] = task_id[:255]
+    with transaction.atomic():
+        rows = update_returning(
+            SupervisedRun.objects.filter(pk=run_id, attempt=attempt, status=RunStatus.QUEUED),
+            ["max_attempts", "lease_timeout", "checkpoint"],
+            **values,
+        )
+        if not rows:
+            return None
+        started = dict(worker=worker[:255], task_id=task_id[:255], outcome=AttemptOutcome.RUNNING, started_at=Now())
+        # Attempt 1 has no row yet (dispatch stays one statement); later attempts got a pending row
+        # when the supervisor or an operator queued them.
+        if attempt == 1 or not RunAttempt.objects.filter(run_id=run_id, number=attempt).update(**started):
+            RunAttempt.objects.create(run_id=run_id, number=attempt, **started)
+    row = rows[0]
+    return Claim(run_id, attempt, row["max_attempts"], row["lease_timeout"].total_seconds(), row["checkpoint"])
+
+
+@dataclass(frozen=True)
+class LeaseState:
+    held: bool
+    cancel_requested: bool = False
+
+
+def renew_leases(leases: Iterable[tuple[int, int]]) -> dict[tuple[int, int], LeaseState]:
+    """Renew every lease a worker process holds in one statement.
+
+    Returns the state of each lease asked for: ``held=False`` when the attempt was superseded or
+    finished (the agent must stop), ``cancel_requested`` when an operator asked to cancel.
+    """
+    wanted = list(leases)
+    if not wanted:
+        return {}
+    # Fenced by (id, attempt): a zombie's renewal matches no row and touches nothing.
+    match = reduce(operator.or_, (Q(pk=run_id, attempt=attempt) for run_id, attempt in wanted))
+    rows = update_returning(
+        SupervisedRun.objects.filter(match, status=RunStatus.RUNNING),
+        ["id", "attempt", "cancel_requested"],
+        heartbeat_at=Now(),
+        lease_expires_at=_after(F("lease_timeout")),
+    )
+    held = {(r["id"], r["attempt"]): r["cancel_requested"] for r in rows}
+    return {key: LeaseState(key in held, bool(held.get(key, False))) for key in wanted}
+
+
+def heartbeat(run_id: int, attempt: int, progress: Any = None, checkpoint: Any = None) -> LeaseState:
+    """An explicit heartbeat from task code, optionally saving progress and a checkpoint."""
+    values: dict[str, Any] = dict(heartbeat_at=Now(), lease_expires_at=_after(F("lease_timeout")))
+    if progress is not None:
+        values["progress"] = progress
+    if checkpoint is not None:
+        json.dumps(checkpoint)  # a checkpoint that can't be stored is the caller's bug: fail loudly
+        values["checkpoint"] = checkpoint
+    rows = update_returning(
+        SupervisedRun.objects.filter(pk=run_id, attempt=attempt, status=RunStatus.RUNNING),
+        ["cancel_requested"],
+        **values,
+    )
+    if not rows:
+        return LeaseState(False)
+    return LeaseState(True, bool(rows[0]["cancel_requested"]))
+
+
+def _finish_attempt(run_id: int, attempt: int, outcome: str, error: str = "", tb: str = "") -> None:
+    RunAttempt.objects.filter(run_id=run_id, number=attempt).update(
+        outcome=outcome, ended_at=Now(), error=error[:10000], traceback=tb[:50000]
+    )
+
+
+def _fenced(run_id: int, attempt: int, worker: str, what: str) -> None:
+    """Record that a zombie's write was refused (only over a lost/timed-out outcome)."""
+    RunAttempt.objects.filter(
+        run_id=run_id, number=attempt, outcome__in=[AttemptOutcome.LOST, AttemptOutcome.TIMED_OUT, AttemptOutcome.RUNNING]
+    ).update(outcome=AttemptOutcome.FENCED, error=f"{what} refused: the lease was lost ({worker})")
+    logger.warning("run %s attempt %s lost its lease; %s refused", run_id, attempt, what)
+    _send_on_commit(signals.run_fenced, run_id, attempt=attempt, worker=worker)
+
+
+def finish_success(run_id: int, attempt: int, worker: str = "") -> bool:
+    """running → succeeded, fenced by the attempt. False: the lease was lost, nothing written."""
+    with transaction.atomic():
+        n = SupervisedRun.objects.filter(pk=run_id, attempt=attempt, status=RunStatus.RUNNING).update(
+            status=RunStatus.SUCCEEDED,
+            finished_at=Now(),
+            lease_expires_at=None,
+            deadline_at=None,
+            last_error="",
+        )
+        if not n:
+            _fenced(run_id, attempt, worker, "completion")
+            return False
+        _finish_attempt(run_id, attempt, AttemptOutcome.SUCCEEDED)
+        _send_on_commit(signals.run_succeeded, run_id, attempt=attempt)
+    return True
+
+
+def finish_failure(
+    run_id: int, attempt: int, decision: FailureDecision, error: str, tb: str, worker: str = ""
+) -> bool:
+    """running → failed / retrying / dead as ``decision`` says, fenced by the attempt."""
+    values: dict[str, Any] = dict(status=decision.status, lease_expires_at=None, deadline_at=None, last_error=error[:10000])
+    if decision.status == RunStatus.RETRYING:
+        values["next_check_at"] = _after(timedelta(seconds=decision.retry_in or 0.0))
+    else:
+        values["finished_at"] = Now()
+    with transaction.atomic():
+        n = SupervisedRun.objects.filter(pk=run_id, attempt=attempt, status=RunStatus.RUNNING).update(**values)
+        if not n:
+            _fenced(run_id, attempt, worker, "failure report")
+            return False
+        _finish_attempt(run_id, attempt, AttemptOutcome.FAILED, error, tb)
+        if decision.status == RunStatus.FAILED:
+            _send_on_commit(signals.run_failed, run_id, attempt=attempt, error=error)
+        elif decision.status == RunStatus.DEAD:
+            _send_on_commit(signals.run_dead, run_id, attempt=attempt, reason="error")
+        else:
+            _send_on_commit(signals.run_retrying, run_id, attempt=attempt, error=error, retry_in=decision.retry_in)
+    return True
+
+
+def finish_cancelled(run_id: int, attempt: int, worker: str = "") -> bool:
+    """The agent stopped on an operator's cancel request."""
+    with transaction.atomic():
+        n = SupervisedRun.objects.filter(
+            pk=run_id, attempt=attempt, status=RunStatus.RUNNING, cancel_requested=True
+        ).update(status=RunStatus.CANCELLED, finished_at=Now(), lease_expires_at=None, deadline_at=None)
+        if not n:
+            return False
+        _finish_attempt(run_id, attempt, AttemptOutcome.CANCELLED, "cancelled by an operator")
+        _send_on_commit(signals.run_cancelled, run_id, attempt=attempt)
+    return True
+
+
+def record_fenced(run_id: int, attempt: int, worker: str = "") -> None:
+    """The agent noticed at a heartbeat that it lost the lease and stopped without writing."""
+    with transaction.atomic():
+        _fenced(run_id, attempt, worker, "further work")
+
+
+# --------------------------------------------------------------------------- supervisor side
+
+
+def _requeue_values(run: SupervisedRun, next_attempt: int) -> dict[str, Any]:
+    return dict(
+        status=RunStatus.QUEUED,
+        attempt=next_attempt,
+        task_id=new_task_id(run.pk, next_attempt),
+        worker="",
+        started_at=None,
+        heartbeat_at=None,
+        lease_expires_at=None,
+        deadline_at=None,
+        publish_count=1,
+        next_check_at=_after(run.start_timeout),
+    )
+
+
+def _requeue_or_bury(
+    run: SupervisedRun,
+    condition: Mapping[str, Any],
+    outcome: str,
+    reason: str,
+    publisher: Publisher,
+    on_requeue: Callable[[], None],
+) -> str | None:
+    """Shared end of a lost or timed-out attempt: a new attempt, or ``dead``. Returns the new status."""
+    qs = SupervisedRun.objects.filter(pk=run.pk, attempt=run.attempt, **condition)
+    error = f"attempt {run.attempt} {reason}" + (f" (worker {run.worker})" if run.worker else "")
+    if run.attempt < run.max_attempts:
+        values = _requeue_values(run, run.attempt + 1)
+        if not qs.update(last_error=error, **values):
+            return None
+        # The unique (run, number) constraint backs the conditional update: should two supervisors
+        # ever both pass it, the second insert fails and its transaction rolls back.
+        RunAttempt.objects.create(run_id=run.pk, number=run.attempt + 1, task_id=values["task_id"])
+        _finish_attempt(run.pk, run.attempt, outcome, error)
+        _publish_on_commit(run, run.attempt + 1, values["task_id"], publisher)
+        on_requeue()
+        return RunStatus.QUEUED
+    if not qs.update(
+        status=RunStatus.DEAD, last_error=error, finished_at=Now(), lease_expires_at=None, deadline_at=None
+    ):
+        return None
+    _finish_attempt(run.pk, run.attempt, outcome, error)
+    _send_on_commit(signals.run_dead, run.pk, attempt=run.attempt, reason=outcome)
+    return RunStatus.DEAD
+
+
+def recover_lost(run: SupervisedRun, publisher: Publisher) -> str | None:
+    """An expired lease: the agent died, hung or was cut off."""
+    lost = run.attempt
+    return _requeue_or_bury(
+        run,
+        {"status": RunStatus.RUNNING, "lease_expires_at__lt": Now()},
+        AttemptOutcome.LOST,
+        "lost: lease expired",
+        publisher,
+        lambda: _send_on_commit(signals.run_recovered, run.pk, lost_attempt=lost),
+    )
+
+
+def time_out(run: SupervisedRun, publisher: Publisher) -> str | None:
+    """Past max runtime: revoke the attempt (after commit) and start a new one or bury the run."""
+    old_task_id = run.task_id
+    timed_out = run.attempt
+    status = _requeue_or_bury(
+        run,
+        {"status": RunStatus.RUNNING, "deadline_at__lt": Now()},
+        AttemptOutcome.TIMED_OUT,
+        "timed out: max runtime exceeded",
+        publisher,
+        lambda: _send_on_commit(signals.run_timed_out, run.pk, timed_out_attempt=timed_out),
+    )
+    if status is not None and old_task_id:
+        transaction.on_commit(lambda: _revoke(old_task_id))
+    return status
+
+
+def _revoke(task_id: str) -> None:
+    from celery import current_app
+
+    try:
+        current_app.control.revoke(task_id, terminate=True, signal="SIGKILL")
+    except Exception as exc:  # the attempt is fenced anyway; a failed revoke only wastes a worker
+        logger.warning("could not revoke %s (%s)", task_id, type(exc).__name__)
+
+
+def dispatch_retry(run: SupervisedRun, publisher: Publisher) -> bool:
+    """A retry's backoff is over: queue the next attempt."""
+    values = _requeue_values(run, run.attempt + 1)
+    if not SupervisedRun.objects.filter(
+        pk=run.pk, attempt=run.attempt, status=RunStatus.RETRYING, next_check_at__lte=Now()
+    ).update(**values):
+        return False
+    RunAttempt.objects.create(run_id=run.pk, number=run.attempt + 1, task_id=values["task_id"])
+    _publish_on_commit(run, run.attempt + 1, values["task_id"], publisher)
+    return True
+
+
+def republish(run: SupervisedRun, publisher: Publisher) -> bool:
+    """A queued attempt nobody started in time: publish it again (the claim drops duplicates)."""
+    count = run.publish_count + 1
+    delay = republish_delay(run.start_timeout.total_seconds(), count)
+    task_id = run.task_id or first_task_id(run.pk)
+    if not SupervisedRun.objects.filter(
+        pk=run.pk, attempt=run.attempt, status=RunStatus.QUEUED, next_check_at__lte=Now()
+    ).update(publish_count=count, next_check_at=_after(timedelta(seconds=delay)), task_id=task_id):
+        return False
+    _publish_on_commit(run, run.attempt, task_id, publisher)
+    return True
+
+
+# --------------------------------------------------------------------------- operator actions
+
+
+def request_cancel(run_id: int) -> str | None:
+    """Cancel a run: at once when no agent holds it, cooperatively (next heartbeat) when running."""
+    with transaction.atomic():
+        if SupervisedRun.objects.filter(pk=run_id, status__in=[RunStatus.QUEUED, RunStatus.RETRYING]).update(
+            status=RunStatus.CANCELLED, finished_at=Now(), next_check_at=None, cancel_requested=True
+        ):
+            RunAttempt.objects.filter(run_id=run_id, outcome=AttemptOutcome.PENDING).update(
+                outcome=AttemptOutcome.CANCELLED, ended_at=Now()
+            )
+            _send_on_commit(signals.run_cancelled, run_id, attempt=None)
+            return RunStatus.CANCELLED
+        if SupervisedRun.objects.filter(pk=run_id, status=RunStatus.RUNNING).update(cancel_requested=True):
+            return RunStatus.RUNNING
+    return None
+
+
+def retry_now(run_id: int) -> bool:
+    """Operator action: a new attempt for a run, whatever its state except running.
+
+    A terminal run is reopened: the only way a terminal status ever changes.
+    """
+    with transaction.atomic():
+        run = (
+            SupervisedRun.objects.select_for_update()
+            .filter(pk=run_id)
+            .exclude(status=RunStatus.RUNNING)
+            .first()
+        )
+        if run is None:
+            return False
+        next_attempt = run.attempt + 1
+        values = _requeue_values(run, next_attempt)
+        values.update(max_attempts=max(run.max_attempts, next_attempt), cancel_requested=False, finished_at=None)
+        if not SupervisedRun.objects.filter(pk=run.pk, attempt=run.attempt, status=run.status).update(**values):
+            return False
+        RunAttempt.objects.create(run_id=run.pk, number=next_attempt, task_id=values["task_id"])
+        _publish_on_commit(run, next_attempt, values["task_id"], Publisher())
+    return True

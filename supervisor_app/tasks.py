@@ -1,0 +1,162 @@
+"""``SupervisedTask``, the Celery base class users build on, and the supervisor's sweep task.
+
+Usage::
+
+    @shared_task(base=SupervisedTask, bind=True, max_attempts=5, lease_timeout=120)
+    def nightly_report(self, day):
+        for chunk in chunks(day, start=(self.checkpoint or 0)):
+            process(chunk)
+            self.heartbeat(progress={"chunk": chunk}, checkpoint=chunk + 1)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Task, shared_task
+
+from . import agent, services
+from .conf import supervisor_settings
+from .states import RetryPolicy, exception_types
+
+
+class SupervisedTask(Task):  # type: ignore[misc]
+    """A Celery task whose every run is recorded, leased, supervised and fenced.
+
+    Class attributes (or ``@shared_task(...)`` options) override the ``SUPERVISOR_*`` settings;
+    ``None`` means "use the setting".
+    """
+
+    #: Seconds a lease lasts after each renewal (``SUPERVISOR_LEASE_TIMEOUT``).
+    lease_timeout: float | None = None
+    #: Seconds between automatic lease renewals (``SUPERVISOR_HEARTBEAT_INTERVAL``).
+    heartbeat_interval: float | None = None
+    #: Attempts before the run is dead (``SUPERVISOR_MAX_ATTEMPTS``).
+    max_attempts: int | None = None
+    #: Backoff base, cap and jitter after a retryable error (``SUPERVISOR_BACKOFF*``).
+    backoff: float | None = None
+    backoff_max: float | None = None
+    backoff_jitter: bool | None = None
+    #: Exception types retried / failed at once (``SUPERVISOR_[NON_]RETRYABLE_EXCEPTIONS``).
+    retryable_exceptions: tuple[type[BaseException], ...] | None = None
+    non_retryable_exceptions: tuple[type[BaseException], ...] | None = None
+    #: Seconds an attempt may run before it is revoked and retried (``SUPERVISOR_MAX_RUNTIME``).
+    max_runtime: float | None = None
+    #: Seconds a published attempt may wait unstarted before it is published again.
+    start_timeout: float | None = None
+
+    # ------------------------------------------------------------------ policy
+
+    def resolved_heartbeat_interval(self) -> float:
+        return float(self.heartbeat_interval or supervisor_settings.heartbeat_interval)
+
+    def run_policy(self) -> services.RunPolicy:
+        lease = float(self.lease_timeout or supervisor_settings.lease_timeout)
+        return services.RunPolicy(
+            max_attempts=int(self.max_attempts or supervisor_settings.max_attempts),
+            lease_timeout=lease,
+            start_timeout=float(self.start_timeout or supervisor_settings.start_timeout),
+            max_runtime=self.max_runtime if self.max_runtime is not None else supervisor_settings.max_runtime,
+        )
+
+    def retry_policy(self, max_attempts: int | None = None) -> RetryPolicy:
+        s = supervisor_settings
+        return RetryPolicy(
+            max_attempts=int(max_attempts or self.max_attempts or s.max_attempts),
+            backoff=float(self.backoff if self.backoff is not None else s.backoff),
+            backoff_max=float(self.backoff_max if self.backoff_max is not None else s.backoff_max),
+            jitter=bool(self.backoff_jitter if self.backoff_jitter is not None else s.backoff_jitter),
+            retryable=tuple(self.retryable_exceptions)
+            if self.retryable_exceptions is not None
+            else exception_types(s.RETRYABLE_EXCEPTIONS),
+            non_retryable=tuple(self.non_retryable_exceptions)
+            if self.non_retryable_exceptions is not None
+            else exception_types(s.NON_RETRYABLE_EXCEPTIONS),
+        )
+
+    # ------------------------------------------------------------------ dispatch
+
+    def apply_async(
+        self,
+        args: Any = None,
+        kwargs: Any = None,
+        task_id: str | None = None,
+        producer: Any = None,
+        link: Any = None,
+        link_error: Any = None,
+        shadow: Any = None,
+        **options: Any,
+    ) -> Any:
+        """Record the run, then publish it after the surrounding transaction commits.
+
+        If the broker is down the run stays ``queued`` and the supervisor publishes it later.
+        Messages that already carry a run (the supervisor's own publishes) and eager mode go
+        straight to Celery.
+        """
+        headers = options.get("headers") or {}
+        if services.HEADER_RUN in headers or self.app.conf.task_always_eager:
+            return super().apply_async(args, kwargs, task_id, producer, link, link_error, shadow, **options)
+        if link or link_error:
+            raise NotImplementedError("supervised tasks do not support link/link_error callbacks")
+        if options.get("eta") is not None:
+            raise NotImplementedError("use countdown= with supervised tasks; eta is not supported")
+        run = services.create_run(
+            self.name,
+            args,
+            kwargs,
+            self.run_policy(),
+            options=options,
+            countdown=options.get("countdown"),
+        )
+        assert run is not None  # only schedule slots can be refused
+        result = self.AsyncResult(run.task_id)
+        result.run_id = run.pk
+        return result
+
+    # ------------------------------------------------------------------ execution
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        request = self.request
+        run_id = getattr(request, services.HEADER_RUN, None)
+        attempt = getattr(request, services.HEADER_ATTEMPT, None)
+        if run_id is None or attempt is None or request.called_directly:
+            # Called as a function, eagerly, or from a message that carries no run: no supervision.
+            return self.run(*args, **kwargs)
+        return agent.execute(self, int(run_id), int(attempt), args, kwargs)
+
+    @property
+    def checkpoint(self) -> Any:
+        """The last checkpoint saved by an earlier attempt of this run (None on a fresh run)."""
+        return getattr(self.request, "supervisor_checkpoint", None)
+
+    @property
+    def run_id(self) -> int | None:
+        value = getattr(self.request, services.HEADER_RUN, None)
+        return None if value is None else int(value)
+
+    @property
+    def attempt(self) -> int | None:
+        value = getattr(self.request, services.HEADER_ATTEMPT, None)
+        return None if value is None else int(value)
+
+    def heartbeat(self, progress: Any = None, checkpoint: Any = None) -> None:
+        """Renew the lease now, optionally recording progress and a JSON checkpoint.
+
+        Raises :class:`~supervisor_app.states.LeaseLost` when this agent no longer holds the run
+        (write nothing more), :class:`~supervisor_app.states.RunCancelled` on an operator's cancel.
+        Outside a supervised execution (called directly, eager) it does nothing.
+        """
+        run_id, attempt = self.run_id, self.attempt
+        if run_id is None or attempt is None:
+            return
+        if checkpoint is not None:
+            self.request.supervisor_checkpoint = checkpoint
+        agent.heartbeat(run_id, attempt, progress=progress, checkpoint=checkpoint)
+
+
+@shared_task(name="supervisor_app.sweep", ignore_result=True)
+def sweep() -> dict[str, Any]:
+    """One supervisor sweep, to schedule with beat when no ``manage.py supervise`` process runs."""
+    from .supervisor import run_sweep
+
+    return run_sweep().as_dict()
