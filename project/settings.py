@@ -59,13 +59,15 @@ TEMPLATES = [
 WSGI_APPLICATION = "project.wsgi.application"
 
 if os.environ.get("DATABASE_URL"):
-    DATABASES = {"default": dj_database_url.parse(os.environ["DATABASE_URL"], conn_max_age=600, conn_health_checks=True)}
+    DATABASES = {
+        "default": dj_database_url.parse(os.environ["DATABASE_URL"], conn_max_age=600, conn_health_checks=True)
+    }
 else:
     VAR_DIR.mkdir(parents=True, exist_ok=True)
     DATABASES = {
         "default": {
             "ENGINE": "django.db.backends.sqlite3",
-            "NAME": VAR_DIR / "demo.sqlite3",
+            "NAME": str(VAR_DIR / "demo.sqlite3"),
             # Several processes (workers, supervisor) share the file: WAL and a generous busy timeout.
             "OPTIONS": {
                 "timeout": 30,

@@ -35,7 +35,7 @@ def slow_job(self: SupervisedTask, steps: int = 5, step_seconds: float = 1.0, la
     for step in range(start, steps):
         time.sleep(step_seconds)
         # Saves the checkpoint with the lease; raises LeaseLost in a zombie before it writes anything.
-        self.heartbeat(progress={"step": step + 1, "of": steps}, checkpoint=step + 1)
+        self.heartbeat(progress={"step": step + 1, "of": steps, "pid": os.getpid()}, checkpoint=step + 1)
     self.heartbeat()
     _record(self, label)
     return steps

@@ -139,7 +139,8 @@ def execute(task: SupervisedTask, run_id: int, attempt: int, args: tuple[Any, ..
         # A duplicate or late delivery (republished message, broker redelivery, superseded attempt).
         logger.info("run %s attempt %s is not claimable; delivery dropped", run_id, attempt)
         raise Ignore()
-    request.supervisor_checkpoint = won.checkpoint
+    # The request context is per task execution (and per thread with the threads pool).
+    setattr(request, "supervisor_checkpoint", won.checkpoint)  # noqa: B010
     lease_keeper.register(run_id, attempt, task.resolved_heartbeat_interval())
     try:
         result = task.run(*args, **kwargs)
@@ -158,7 +159,9 @@ def execute(task: SupervisedTask, run_id: int, attempt: int, args: tuple[Any, ..
             raise
         policy: RetryPolicy = task.retry_policy(max_attempts=won.max_attempts)
         decision: FailureDecision = decide_failure(policy, attempt, exc)
-        services.finish_failure(run_id, attempt, decision, f"{type(exc).__name__}: {exc}", traceback.format_exc(), worker)
+        services.finish_failure(
+            run_id, attempt, decision, f"{type(exc).__name__}: {exc}", traceback.format_exc(), worker
+        )
         raise
     lease_keeper.unregister(run_id, attempt)
     services.finish_success(run_id, attempt, worker)

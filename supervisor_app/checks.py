@@ -62,5 +62,7 @@ def check_celery(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
         if getattr(settings, name, "json") == "pickle":
             messages.append(Error(f"{name} is 'pickle'; supervisor_app requires JSON.", id="supervisor_app.E010"))
     if "pickle" in (getattr(settings, "CELERY_ACCEPT_CONTENT", None) or []):
-        messages.append(Error("CELERY_ACCEPT_CONTENT allows pickle; supervisor_app requires JSON.", id="supervisor_app.E011"))
+        messages.append(
+            Error("CELERY_ACCEPT_CONTENT allows pickle; supervisor_app requires JSON.", id="supervisor_app.E011")
+        )
     return messages

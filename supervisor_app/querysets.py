@@ -14,14 +14,10 @@ from django.db.models.functions import Now
 from .states import ACTIVE_STATUSES, RunStatus
 
 if TYPE_CHECKING:
-    from .models import SupervisedRun  # noqa: F401
-
-    _Base = models.QuerySet["SupervisedRun"]
-else:
-    _Base = models.QuerySet
+    from .models import SupervisedRun  # noqa: F401  (named in the QuerySet[...] string below)
 
 
-class RunQuerySet(_Base):
+class RunQuerySet(models.QuerySet["SupervisedRun"]):
     def active(self) -> RunQuerySet:
         return self.filter(status__in=ACTIVE_STATUSES)
 

@@ -14,8 +14,8 @@ import operator
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from functools import reduce
 from datetime import timedelta
+from functools import reduce
 from typing import Any
 
 from django.db import IntegrityError, connections, router, transaction
@@ -25,7 +25,6 @@ from django.db.models.functions import Now
 from django.db.models.sql import UpdateQuery
 
 from . import signals
-from .conf import supervisor_settings
 from .models import RunAttempt, SupervisedRun
 from .states import AttemptOutcome, FailureDecision, RunStatus, republish_delay
 
@@ -144,9 +143,7 @@ def create_run(
         scheduled_for=scheduled_for,
         # publish_count is optimistic: a failed publish resets it (see publish()).
         publish_count=0 if delay or status != RunStatus.QUEUED else 1,
-        next_check_at=_after(timedelta(seconds=delay or policy.start_timeout))
-        if status == RunStatus.QUEUED
-        else None,
+        next_check_at=_after(timedelta(seconds=delay or policy.start_timeout)) if status == RunStatus.QUEUED else None,
     )
     if status != RunStatus.QUEUED:
         fields["finished_at"] = Now()
@@ -183,7 +180,9 @@ class Publisher:
         self.sent = 0
         self.failed = 0
 
-    def publish(self, run_id: int, attempt: int, task_name: str, args: Any, kwargs: Any, options: Any, task_id: str) -> bool:
+    def publish(
+        self, run_id: int, attempt: int, task_name: str, args: Any, kwargs: Any, options: Any, task_id: str
+    ) -> bool:
         if not self.broken:
             try:
                 _send(run_id, attempt, task_name, args, kwargs, options, task_id)
@@ -353,7 +352,9 @@ def _finish_attempt(run_id: int, attempt: int, outcome: str, error: str = "", tb
 def _fenced(run_id: int, attempt: int, worker: str, what: str) -> None:
     """Record that a zombie's write was refused (only over a lost/timed-out outcome)."""
     RunAttempt.objects.filter(
-        run_id=run_id, number=attempt, outcome__in=[AttemptOutcome.LOST, AttemptOutcome.TIMED_OUT, AttemptOutcome.RUNNING]
+        run_id=run_id,
+        number=attempt,
+        outcome__in=[AttemptOutcome.LOST, AttemptOutcome.TIMED_OUT, AttemptOutcome.RUNNING],
     ).update(outcome=AttemptOutcome.FENCED, error=f"{what} refused: the lease was lost ({worker})")
     logger.warning("run %s attempt %s lost its lease; %s refused", run_id, attempt, what)
     _send_on_commit(signals.run_fenced, run_id, attempt=attempt, worker=worker)
@@ -377,11 +378,11 @@ def finish_success(run_id: int, attempt: int, worker: str = "") -> bool:
     return True
 
 
-def finish_failure(
-    run_id: int, attempt: int, decision: FailureDecision, error: str, tb: str, worker: str = ""
-) -> bool:
+def finish_failure(run_id: int, attempt: int, decision: FailureDecision, error: str, tb: str, worker: str = "") -> bool:
     """running → failed / retrying / dead as ``decision`` says, fenced by the attempt."""
-    values: dict[str, Any] = dict(status=decision.status, lease_expires_at=None, deadline_at=None, last_error=error[:10000])
+    values: dict[str, Any] = dict(
+        status=decision.status, lease_expires_at=None, deadline_at=None, last_error=error[:10000]
+    )
     if decision.status == RunStatus.RETRYING:
         values["next_check_at"] = _after(timedelta(seconds=decision.retry_in or 0.0))
     else:
@@ -558,12 +559,7 @@ def retry_now(run_id: int) -> bool:
     A terminal run is reopened: the only way a terminal status ever changes.
     """
     with transaction.atomic():
-        run = (
-            SupervisedRun.objects.select_for_update()
-            .filter(pk=run_id)
-            .exclude(status=RunStatus.RUNNING)
-            .first()
-        )
+        run = SupervisedRun.objects.select_for_update().filter(pk=run_id).exclude(status=RunStatus.RUNNING).first()
         if run is None:
             return False
         next_attempt = run.attempt + 1

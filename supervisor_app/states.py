@@ -190,3 +190,8 @@ def exception_types(names: Iterable[str | type[BaseException]]) -> tuple[type[Ba
             raise TypeError(f"{name!r} is not an exception class")
         out.append(cls)
     return tuple(out)
+
+
+#: Terminal statuses an operator should look at: the run did not do its work. ``mark_resolved``
+#: acknowledges them; the admin's incident views and partial index cover exactly these rows.
+INCIDENT_STATUSES: frozenset[str] = frozenset({RunStatus.FAILED, RunStatus.DEAD, RunStatus.MISSED})

@@ -111,9 +111,7 @@ def run_sweep(name: str | None = None) -> SweepReport:
                 break
             with transaction.atomic():
                 qs = select(SupervisedRun.objects.all())
-                batch = list(
-                    qs.select_for_update(skip_locked=True, of=("self",)).order_by()[:batch_size]
-                )
+                batch = list(qs.select_for_update(skip_locked=True, of=("self",)).order_by()[:batch_size])
                 for run in batch:
                     handle(run, publisher, report)
             report.batches += 1
@@ -168,8 +166,6 @@ def loop(stop: threading.Event, interval: float | None = None, name: str | None 
 
             if connection.connection is not None and not connection.is_usable():
                 connection.close()
-        wait = (interval if interval is not None else supervisor_settings.sweep_interval) - (
-            time.monotonic() - began
-        )
+        wait = (interval if interval is not None else supervisor_settings.sweep_interval) - (time.monotonic() - began)
         stop.wait(max(wait, 0.0))
     return sweeps

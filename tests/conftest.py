@@ -85,7 +85,9 @@ class Live:
         return proc
 
     def worker(self, name: str, concurrency: int = 1, wait: bool = True, **env: str) -> Proc:
-        proc = self._track(spawn_worker(name, self.log_dir, {**self.env, **env}, concurrency=concurrency, queues=self.queue))
+        proc = self._track(
+            spawn_worker(name, self.log_dir, {**self.env, **env}, concurrency=concurrency, queues=self.queue)
+        )
         if wait:
             proc.wait_for_output("ready.", timeout=60)
         return proc

@@ -32,7 +32,15 @@ def dispatched(sent: list[Any], django_capture_on_commit_callbacks: Any, fast_se
 def listen() -> Any:
     received: list[tuple[str, dict[str, Any]]] = []
     connected = []
-    for name in ["run_recovered", "run_dead", "run_failed", "run_retrying", "run_succeeded", "run_fenced", "run_timed_out"]:
+    for name in [
+        "run_recovered",
+        "run_dead",
+        "run_failed",
+        "run_retrying",
+        "run_succeeded",
+        "run_fenced",
+        "run_timed_out",
+    ]:
         sig = getattr(signals, name)
 
         def receiver(sender: Any, _name: str = name, **kwargs: Any) -> None:
@@ -228,7 +236,9 @@ def test_broker_down_at_dispatch_keeps_the_run_for_the_supervisor(
     assert delivered == [run.pk]
 
 
-def test_retry_now_reopens_a_dead_run(dispatched: Callable[..., int], sent: list[Any], django_capture_on_commit_callbacks: Any) -> None:
+def test_retry_now_reopens_a_dead_run(
+    dispatched: Callable[..., int], sent: list[Any], django_capture_on_commit_callbacks: Any
+) -> None:
     run_id = dispatched()
     services.claim(run_id, 1, "w")
     services.finish_failure(run_id, 1, FailureDecision(RunStatus.FAILED, None), "NonRetryable: x", "")

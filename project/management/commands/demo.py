@@ -23,7 +23,11 @@ from project.processes import Proc, spawn_supervisor, spawn_worker, wait_until
 from supervisor_app.models import RunAttempt, SupervisedRun
 
 # Short intervals so the demo takes seconds; production defaults are 10 s / 60 s / 5 s.
-DEMO_SETTINGS = {"SUPERVISOR_HEARTBEAT_INTERVAL": 0.5, "SUPERVISOR_LEASE_TIMEOUT": 3.0, "SUPERVISOR_SWEEP_INTERVAL": 0.5}
+DEMO_SETTINGS = {
+    "SUPERVISOR_HEARTBEAT_INTERVAL": 0.5,
+    "SUPERVISOR_LEASE_TIMEOUT": 3.0,
+    "SUPERVISOR_SWEEP_INTERVAL": 0.5,
+}
 
 
 class Command(BaseCommand):
@@ -49,9 +53,11 @@ class Command(BaseCommand):
         db = settings.DATABASES["default"]["ENGINE"].rsplit(".", 1)[-1]
         broker = settings.CELERY_BROKER_URL.split("://", 1)[0]
         self.stdout.write(self.style.MIGRATE_HEADING(f"supervisor_app demo (database: {db}, broker: {broker})"))
-        self.stdout.write(f"  lease {DEMO_SETTINGS['SUPERVISOR_LEASE_TIMEOUT']}s, heartbeat "
-                          f"{DEMO_SETTINGS['SUPERVISOR_HEARTBEAT_INTERVAL']}s, sweep "
-                          f"{DEMO_SETTINGS['SUPERVISOR_SWEEP_INTERVAL']}s; logs in {log_dir}")
+        self.stdout.write(
+            f"  lease {DEMO_SETTINGS['SUPERVISOR_LEASE_TIMEOUT']}s, heartbeat "
+            f"{DEMO_SETTINGS['SUPERVISOR_HEARTBEAT_INTERVAL']}s, sweep "
+            f"{DEMO_SETTINGS['SUPERVISOR_SWEEP_INTERVAL']}s; logs in {log_dir}"
+        )
         try:
             procs["supervisor"] = spawn_supervisor("supervisor", log_dir, env)
             for name in ("worker-a", "worker-b"):
@@ -75,6 +81,7 @@ class Command(BaseCommand):
                 return None
 
             run = wait_until(running_half_way, 60, what="the run to be half-way")
+            assert run is not None
             victim = next(n for n in ("worker-a", "worker-b") if run.worker.startswith(n + "@"))
             survivor = "worker-b" if victim == "worker-a" else "worker-a"
             say(f"attempt 1 is running on {run.worker}, checkpoint {run.checkpoint}/{opts['steps']}")
@@ -86,12 +93,14 @@ class Command(BaseCommand):
                 return RunAttempt.objects.filter(run_id=run_id, number=2, started_at__isnull=False).first()
 
             second = wait_until(attempt2_started, 60, what="attempt 2 to start")
+            assert second is not None
             recovery = second.started_at.timestamp() - killed_at if second.started_at else float("nan")
             done = wait_until(
                 lambda: SupervisedRun.objects.filter(pk=run_id, status__in=["succeeded", "failed", "dead"]).first(),
                 120,
                 what="the run to finish",
             )
+            assert done is not None
             say(f"run {run_id} is {done.status}")
         except (TimeoutError, RuntimeError) as exc:
             for proc in procs.values():
@@ -130,10 +139,13 @@ class Command(BaseCommand):
         executions = Execution.objects.filter(run_id=run_id).count()
         lease = DEMO_SETTINGS["SUPERVISOR_LEASE_TIMEOUT"] + DEMO_SETTINGS["SUPERVISOR_SWEEP_INTERVAL"]
         self.stdout.write("")
-        self.stdout.write(f"  recovery time (kill -> attempt 2 started on {survivor}): {recovery:.2f}s "
-                          f"(bound: lease timeout + sweep interval = {lease:.1f}s)")
-        self.stdout.write(f"  completed executions of the batch: {executions}; final status: {run.status}; "
-                          f"attempts: {len(attempts)}")
+        self.stdout.write(
+            f"  recovery time (kill -> attempt 2 started on {survivor}): {recovery:.2f}s "
+            f"(bound: lease timeout + sweep interval = {lease:.1f}s)"
+        )
+        self.stdout.write(
+            f"  completed executions of the batch: {executions}; final status: {run.status}; attempts: {len(attempts)}"
+        )
         ok = (
             run.status == "succeeded"
             and executions == 1

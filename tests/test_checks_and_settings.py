@@ -1,0 +1,84 @@
+"""Settings are read lazily, accept seconds or timedeltas, and invalid ones fail system checks."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from io import StringIO
+from typing import Any
+
+import pytest
+from django.core.management import call_command
+
+from supervisor_app.checks import check_celery, check_settings
+from supervisor_app.conf import SETTINGS, supervisor_settings
+
+
+def ids(messages: list[Any]) -> list[str]:
+    return [m.id for m in messages]
+
+
+def test_defaults_are_documented_and_valid(settings: Any) -> None:
+    for name in SETTINGS:
+        if hasattr(settings, "SUPERVISOR_" + name):
+            delattr(settings, "SUPERVISOR_" + name)
+    assert check_settings() == []
+    assert supervisor_settings.lease_timeout == 60.0
+    assert supervisor_settings.heartbeat_interval == 10.0
+    assert supervisor_settings.start_timeout == 60.0  # None means the lease timeout
+    assert all(spec.doc for spec in SETTINGS.values())
+
+
+def test_settings_are_read_at_access_time(settings: Any) -> None:
+    settings.SUPERVISOR_LEASE_TIMEOUT = timedelta(minutes=2)
+    assert supervisor_settings.lease_timeout == 120.0
+    settings.SUPERVISOR_LEASE_TIMEOUT = 7.5
+    assert supervisor_settings.lease_timeout == 7.5
+
+
+def test_lease_not_longer_than_heartbeat_is_an_error(settings: Any) -> None:
+    settings.SUPERVISOR_LEASE_TIMEOUT = 5
+    settings.SUPERVISOR_HEARTBEAT_INTERVAL = 5
+    messages = check_settings()
+    assert "supervisor_app.E004" in ids(messages)
+    assert "SUPERVISOR_LEASE_TIMEOUT" in messages[0].msg
+
+
+def test_tight_lease_is_a_warning(settings: Any) -> None:
+    settings.SUPERVISOR_LEASE_TIMEOUT = 15
+    settings.SUPERVISOR_HEARTBEAT_INTERVAL = 10
+    assert ids(check_settings()) == ["supervisor_app.W001"]
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "error"),
+    [
+        ("SWEEP_INTERVAL", -1, "supervisor_app.E002"),
+        ("LEASE_TIMEOUT", "sixty", "supervisor_app.E001"),
+        ("MAX_ATTEMPTS", 0, "supervisor_app.E003"),
+        ("RETRYABLE_EXCEPTIONS", ["no.such.Error"], "supervisor_app.E005"),
+    ],
+)
+def test_invalid_values_are_errors(settings: Any, name: str, value: Any, error: str) -> None:
+    setattr(settings, "SUPERVISOR_" + name, value)
+    assert error in ids(check_settings())
+
+
+def test_pickle_is_refused(settings: Any) -> None:
+    settings.CELERY_TASK_SERIALIZER = "pickle"
+    settings.CELERY_ACCEPT_CONTENT = ["json", "pickle"]
+    assert ids(check_celery()) == ["supervisor_app.E010", "supervisor_app.E011"]
+
+
+def test_manage_py_check_fails_on_invalid_settings(settings: Any) -> None:
+    from django.core.management.base import SystemCheckError
+
+    settings.SUPERVISOR_LEASE_TIMEOUT = 1
+    settings.SUPERVISOR_HEARTBEAT_INTERVAL = 2
+    with pytest.raises(SystemCheckError, match="E004"):
+        call_command("check", stdout=StringIO(), stderr=StringIO())
+
+
+@pytest.mark.django_db
+def test_no_migration_is_missing() -> None:
+    out = StringIO()
+    call_command("makemigrations", "--check", "--dry-run", stdout=out, stderr=StringIO())
