@@ -14,7 +14,6 @@ TEST_REDIS_URL    ?= redis://127.0.0.1:6379/15
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check -r requirements.txt
-	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
 ## make demo: beat-free demo on the embedded default (SQLite + filesystem broker): a worker is killed mid-run.
