@@ -139,22 +139,30 @@ def test_sigstop_past_the_lease_is_recovered_and_the_zombie_is_fenced(live: Live
 def test_runs_prefetched_by_a_hung_worker_come_back(live: Live) -> None:
     live.supervisor()
     hung = live.worker("hoarder", concurrency=1)
-    first = quiet_job.delay(6.0, "first").run_id
+    # The first run checks its lease (slow_job heart-beats): when the hung worker resumes, it stops
+    # without a second side effect. (A body that never checks would write its effect again: the
+    # guarantee is at-least-once execution with fenced completion; see the README.)
+    first = slow_job.delay(12, 0.5, "first").run_id
     wait_until(lambda: running_on([first], "hoarder@"), 30, what="the first run to start")
     second = quiet_job.delay(0.1, "second").run_id  # prefetched by the busy worker, not started
     # The busy worker has already taken the second message off the queue (prefetch), not started it.
     wait_until(lambda: hung.output().count("received") >= 2, 10, what="the second message to be prefetched")
+    live.worker("rescuer", concurrency=2)  # idle and ready before the hang: measures detection only
     stopped_at = time.time()
     hung.signal_group(signal.SIGSTOP)
     try:
-        live.worker("rescuer", concurrency=1)
         wait_until(lambda: all_status([first, second], "succeeded"), 60, what="both runs on the rescuer")
     finally:
         hung.signal_group(signal.SIGCONT)
     second_run = SupervisedRun.objects.get(pk=second)
     assert second_run.worker.startswith("rescuer@") and second_run.attempt == 1  # republished, same attempt
     assert second_run.started_at is not None
-    assert second_run.started_at.timestamp() - stopped_at <= LEASE + SWEEP + MARGIN + 6.0  # behind the first run
+    assert second_run.started_at.timestamp() - stopped_at <= LEASE + SWEEP + MARGIN
+    wait_until(
+        lambda: RunAttempt.objects.filter(run_id=first, number=1, outcome="fenced").exists(),
+        30,
+        what="the resumed zombie to be fenced",
+    )
     assert executions([first, second]) == {first: 1, second: 1}
 
 
