@@ -57,6 +57,9 @@ class SupervisedRun(models.Model):
     progress = models.JSONField(null=True, blank=True)
     checkpoint = models.JSONField(null=True, blank=True)
     cancel_requested = models.BooleanField(default=False)
+    #: Set by an operator's "mark resolved" (``services.mark_resolved``) on a failed, dead or missed run.
+    resolved_at = models.DateTimeField(null=True, blank=True)
+    resolved_by = models.CharField(max_length=150, blank=True, default="")
 
     objects = RunQuerySet.as_manager()
 
@@ -92,6 +95,23 @@ class SupervisedRun(models.Model):
                 condition=Q(status=RunStatus.RUNNING, deadline_at__isnull=False),
                 name="supervisor_run_deadline",
             ),
+            # The admin's. Each full index costs every claim, heartbeat and finish one more index
+            # write, so there are two: the changelist's order and date filter / the dashboard's 24 h
+            # window, and the task filter (with the same order).
+            models.Index(fields=["created_at"], name="supervisor_run_created"),
+            models.Index(fields=["task_name", "created_at"], name="supervisor_run_task_created"),
+            # Status filters on the rare terminal statuses and the open-incident view: partial, so
+            # the hot path (queued, running, retrying, succeeded rows) never writes to it.
+            models.Index(
+                fields=["status", "created_at"],
+                condition=Q(status__in=[RunStatus.FAILED, RunStatus.DEAD, RunStatus.MISSED, RunStatus.CANCELLED]),
+                name="supervisor_run_problems",
+            ),
+        ]
+        permissions = [
+            ("retry_run", "Can retry a run (start a new attempt)"),
+            ("cancel_run", "Can cancel a run"),
+            ("resolve_run", "Can mark a failed, dead or missed run resolved"),
         ]
 
     def __str__(self) -> str:
@@ -121,6 +141,14 @@ class RunAttempt(models.Model):
         constraints = [
             # Two supervisors cannot both re-enqueue the same lost attempt.
             models.UniqueConstraint(fields=["run", "number"], name="supervisor_attempt_unique_number"),
+        ]
+        indexes = [
+            # The dashboard's recoveries in the last 24 h: partial, only lost / timed-out attempts.
+            models.Index(
+                fields=["ended_at"],
+                condition=Q(outcome__in=[AttemptOutcome.LOST, AttemptOutcome.TIMED_OUT]),
+                name="supervisor_attempt_recovered",
+            ),
         ]
 
     def __str__(self) -> str:

@@ -570,3 +570,19 @@ def retry_now(run_id: int) -> bool:
         RunAttempt.objects.create(run_id=run.pk, number=next_attempt, task_id=values["task_id"])
         _publish_on_commit(run, next_attempt, values["task_id"], Publisher())
     return True
+
+
+def mark_resolved(run_id: int, by: str = "") -> bool:
+    """Operator action: acknowledge a failed, dead or missed run ("someone looked at it").
+
+    The status is kept (it says what happened); ``resolved_at``/``resolved_by`` record who closed
+    the incident. Only an open incident can be resolved: a run resolved and then retried, which ends
+    badly again, finishes after its ``resolved_at`` and so is open again. False when nothing changed.
+    """
+    from .states import INCIDENT_STATUSES
+
+    return bool(
+        SupervisedRun.objects.filter(pk=run_id, status__in=INCIDENT_STATUSES)
+        .filter(Q(resolved_at__isnull=True) | Q(resolved_at__lt=F("finished_at")))
+        .update(resolved_at=Now(), resolved_by=by[:150])
+    )
