@@ -113,6 +113,8 @@ CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 # Keep the worker's database connection between tasks (Celery's Django fixup closes it otherwise).
 CELERY_DB_REUSE_MAX = 1000
+# Beat records every slot of a supervised schedule before publishing it (several beats may run).
+CELERY_BEAT_SCHEDULER = "supervisor_app.schedulers:SupervisedScheduler"
 
 
 # ---------------------------------------------------------------- supervisor_app

@@ -15,3 +15,4 @@ class SupervisorAppConfig(AppConfig):
 
         checks.register(supervisor_checks.check_settings, checks.Tags.compatibility)
         checks.register(supervisor_checks.check_celery, checks.Tags.compatibility)
+        from . import scheduling  # noqa: F401  (registers the missed-slot phase of the sweep)

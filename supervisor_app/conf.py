@@ -103,6 +103,40 @@ SETTINGS: dict[str, Setting] = {
             "None means three sweep intervals plus the lease timeout.",
             duration=True,
         ),
+        # ------------------------------------------------ schedules (SupervisionPolicy defaults)
+        Setting(
+            "ALERT_GRACE",
+            60.0,
+            "Seconds a schedule slot may be late and still run as on time. An unrecorded slot older "
+            "than this is overdue: the catch-up policy runs it or records it `missed` (and alerts).",
+            duration=True,
+        ),
+        Setting(
+            "START_WINDOW",
+            None,
+            "Seconds after its slot within which a scheduled run must start, else it is `missed` (None: no limit).",
+            duration=True,
+        ),
+        Setting(
+            "OVERLAP",
+            "allow",
+            "What a slot does while the schedule's previous run is active: `allow`, `skip`, `queue_one` or `replace`.",
+        ),
+        Setting("CATCH_UP", "latest", "What happens to overdue slots after downtime: `none`, `latest` or `all`."),
+        Setting(
+            "CATCH_UP_WINDOW",
+            3600.0,
+            "Seconds: overdue slots older than this are never caught up, only recorded `missed`.",
+            duration=True,
+        ),
+        Setting("ALERT_RECIPIENTS", [], "E-mail addresses told about missed slots (per schedule: the policy's)."),
+        Setting(
+            "SCHEDULE_LOOKBACK",
+            86400.0,
+            "Seconds back the beat and supervisor look for unrecorded slots; older ones are forgotten.",
+            duration=True,
+        ),
+        Setting("SCHEDULE_MAX_SLOTS", 1000, "At most this many overdue slots of one schedule are recorded at once."),
     ]
 }
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 from django.db import models
 from django.db.models import Q
 
@@ -175,3 +177,136 @@ class ProcessHeartbeat(models.Model):
 
     def __str__(self) -> str:
         return f"{self.kind} {self.name}"
+
+
+# --------------------------------------------------------------------------- scheduling (issue 3)
+
+
+def _positive(name: str, value: timedelta | None, errors: dict[str, str]) -> None:
+    if value is not None and value <= timedelta(0):
+        errors[name] = f"Must be a positive duration, got {value}."
+
+
+class SupervisionPolicy(models.Model):
+    """How the runs of one schedule are supervised. Every empty field means the ``SUPERVISOR_`` setting.
+
+    Read through ``supervisor_app.scheduling.definition_for``, never field by field, so a missing
+    policy row and an empty field mean the same thing.
+    """
+
+    class Overlap(models.TextChoices):
+        #: Every slot runs, whatever is still running.
+        ALLOW = "allow", "allow: run every slot"
+        #: A slot whose previous run is still active is recorded ``skipped``.
+        SKIP = "skip", "skip while the previous run is active"
+        #: One slot waits for the active run to end; further ones are ``skipped``.
+        QUEUE_ONE = "queue_one", "queue one behind the active run"
+        #: The active run is cancelled and the new slot runs.
+        REPLACE = "replace", "replace (cancel) the active run"
+
+    class CatchUp(models.TextChoices):
+        #: Overdue slots are recorded ``missed``.
+        NONE = "none", "none: record overdue slots as missed"
+        #: The newest overdue slot runs (inside the catch-up window); the others are ``missed``.
+        LATEST = "latest", "run the latest overdue slot"
+        #: Every overdue slot inside the catch-up window runs; older ones are ``missed``.
+        ALL = "all", "run all overdue slots within the window"
+
+    periodic_task = models.OneToOneField(
+        "django_celery_beat.PeriodicTask", on_delete=models.CASCADE, related_name="supervision"
+    )
+    lease_timeout = models.DurationField(null=True, blank=True, help_text="SUPERVISOR_LEASE_TIMEOUT if empty.")
+    max_attempts = models.PositiveIntegerField(null=True, blank=True, help_text="SUPERVISOR_MAX_ATTEMPTS if empty.")
+    backoff = models.DurationField(null=True, blank=True, help_text="SUPERVISOR_BACKOFF if empty.")
+    backoff_max = models.DurationField(null=True, blank=True, help_text="SUPERVISOR_BACKOFF_MAX if empty.")
+    max_runtime = models.DurationField(null=True, blank=True, help_text="SUPERVISOR_MAX_RUNTIME if empty.")
+    start_window = models.DurationField(
+        null=True,
+        blank=True,
+        help_text="A run not started this long after its slot is missed. SUPERVISOR_START_WINDOW if empty.",
+    )
+    overlap = models.CharField(
+        max_length=16, choices=Overlap.choices, blank=True, default="", help_text="SUPERVISOR_OVERLAP if empty."
+    )
+    catch_up = models.CharField(
+        max_length=16, choices=CatchUp.choices, blank=True, default="", help_text="SUPERVISOR_CATCH_UP if empty."
+    )
+    catch_up_window = models.DurationField(null=True, blank=True, help_text="SUPERVISOR_CATCH_UP_WINDOW if empty.")
+    alert_grace = models.DurationField(
+        null=True, blank=True, help_text="How late a slot may run as on time. SUPERVISOR_ALERT_GRACE if empty."
+    )
+    alert_recipients = models.TextField(
+        blank=True,
+        default="",
+        help_text="E-mail addresses, comma or newline separated. SUPERVISOR_ALERT_RECIPIENTS if empty.",
+    )
+
+    class Meta:
+        verbose_name = "supervision policy"
+        verbose_name_plural = "supervision policies"
+
+    def __str__(self) -> str:
+        return f"supervision of {self.periodic_task_id}"
+
+    def recipients(self) -> list[str]:
+        return [r.strip() for r in self.alert_recipients.replace("\n", ",").replace(";", ",").split(",") if r.strip()]
+
+    def clean(self) -> None:
+        from django.core.exceptions import ValidationError
+        from django.core.validators import validate_email
+
+        from .conf import supervisor_settings
+
+        errors: dict[str, str] = {}
+        for name in ("lease_timeout", "backoff", "backoff_max", "max_runtime", "start_window", "catch_up_window"):
+            _positive(name, getattr(self, name), errors)
+        if self.alert_grace is not None and self.alert_grace < timedelta(0):
+            errors["alert_grace"] = f"Must not be negative, got {self.alert_grace}."
+        if self.max_attempts is not None and self.max_attempts < 1:
+            errors["max_attempts"] = "A run needs at least one attempt."
+        heartbeat = timedelta(seconds=supervisor_settings.heartbeat_interval)
+        if "lease_timeout" not in errors and self.lease_timeout is not None and self.lease_timeout <= heartbeat:
+            errors["lease_timeout"] = (
+                f"The lease must outlast the heartbeat interval ({heartbeat}), or every run is lost; "
+                "at least 2x is advised."
+            )
+        if self.backoff and self.backoff_max and self.backoff_max < self.backoff:
+            errors["backoff_max"] = "The backoff cap must not be smaller than the backoff."
+        grace = self.alert_grace if self.alert_grace is not None else timedelta(seconds=supervisor_settings.ALERT_GRACE)
+        if (
+            self.catch_up_window is not None
+            and "catch_up_window" not in errors
+            and self.catch_up != self.CatchUp.NONE
+            and self.catch_up_window <= grace
+        ):
+            errors["catch_up_window"] = (
+                f"The catch-up window must be longer than the grace period ({grace}): a slot is caught up only "
+                "once it is older than the grace, so a shorter window would never catch anything up."
+            )
+        bad = []
+        for address in self.recipients():
+            try:
+                validate_email(address)
+            except ValidationError:
+                bad.append(address)
+        if bad:
+            errors["alert_recipients"] = f"Not e-mail addresses: {', '.join(bad)}."
+        task_error = self._task_error()
+        if task_error:
+            errors["periodic_task"] = task_error
+        if errors:
+            raise ValidationError(errors)
+
+    def _task_error(self) -> str | None:
+        """A policy on a task that is registered but not a ``SupervisedTask`` would do nothing."""
+        if not self.periodic_task_id:
+            return None
+        from celery import current_app
+
+        from .scheduling import supervised_task_names
+
+        name = self.periodic_task.task
+        supervised = supervised_task_names(current_app)
+        if name in current_app.tasks and name not in supervised:
+            return f"{name} is not a SupervisedTask: a supervision policy would have no effect on it."
+        return None
