@@ -165,6 +165,13 @@ class TaskNameFilter(admin.SimpleListFilter):
         return queryset.filter(task_name=value) if value else queryset
 
 
+class ScheduleFilter(admin.RelatedFieldListFilter):
+    """Schedules by name in one query (``str(PeriodicTask)`` would fetch each one's schedule row)."""
+
+    def field_choices(self, field: Any, request: HttpRequest, model_admin: Any) -> list[tuple[str, Any]]:
+        return [(str(pk), name) for pk, name in PeriodicTask.objects.order_by("name").values_list("pk", "name")]
+
+
 class AttentionFilter(admin.SimpleListFilter):
     """The incident views the dashboard links to."""
 
@@ -261,7 +268,7 @@ class SupervisedRunAdmin(admin.ModelAdmin):
         "status",
         AttentionFilter,
         TaskNameFilter,
-        "periodic_task",
+        ("periodic_task", ScheduleFilter),
         ("created_at", admin.DateFieldListFilter),
     )
     list_select_related = ("periodic_task",)
