@@ -40,3 +40,7 @@ lint: $(STAMP)
 
 clean:
 	rm -rf var .pytest_cache .mypy_cache .ruff_cache build dist *.egg-info
+
+## make bench: supervised vs plain Celery on PostgreSQL + RabbitMQ (+ Redis); writes bench/results.md and plots.
+bench: $(STAMP)
+	$(BIN)/python bench/run.py $(BENCH_ARGS)

@@ -84,13 +84,15 @@ class Proc:
             return []
 
 
-def spawn(name: str, argv: list[str], log_dir: Path, env: Mapping[str, str] | None = None) -> Proc:
+def spawn(
+    name: str, argv: list[str], log_dir: Path, env: Mapping[str, str] | None = None, cwd: Path | None = None
+) -> Proc:
     log_dir.mkdir(parents=True, exist_ok=True)
     log = log_dir / f"{name}.log"
     full_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
     with log.open("wb") as out:
         popen = subprocess.Popen(
-            argv, cwd=ROOT, env=full_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            argv, cwd=cwd or ROOT, env=full_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )
     return Proc(name, popen, log)
 

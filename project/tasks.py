@@ -63,3 +63,21 @@ def flaky(self: SupervisedTask, mode: str = "retryable", label: str = "") -> Non
 def plain_noop() -> None:
     """A plain Celery task, the benchmarks' baseline."""
     return None
+
+
+def _record_plain(label: str) -> None:
+    Execution.objects.create(label=label, pid=os.getpid())
+
+
+@shared_task
+def plain_sleep(seconds: float, label: str) -> None:
+    """Plain Celery baseline for the crash benchmarks: Celery's defaults (ack before execution)."""
+    time.sleep(seconds)
+    _record_plain(label)
+
+
+@shared_task(acks_late=True, reject_on_worker_lost=True)
+def plain_sleep_late(seconds: float, label: str) -> None:
+    """Plain Celery baseline with the usual hardening: ack after execution, requeue on a lost worker."""
+    time.sleep(seconds)
+    _record_plain(label)

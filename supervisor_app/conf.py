@@ -103,6 +103,17 @@ SETTINGS: dict[str, Setting] = {
             "None means three sweep intervals plus the lease timeout.",
             duration=True,
         ),
+        Setting(
+            "REQUIRE_BEAT",
+            None,
+            "Whether health checks require a live beat. None: required when any periodic task is enabled.",
+        ),
+        Setting(
+            "METRICS_TOKEN",
+            None,
+            "When set, `metrics/` and the details of `health/` need `Authorization: Bearer <token>` "
+            "(or a staff session). None: open, for a scraper inside your network.",
+        ),
         # ------------------------------------------------ schedules (SupervisionPolicy defaults)
         Setting(
             "ALERT_GRACE",

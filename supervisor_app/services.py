@@ -159,8 +159,9 @@ def create_run(
     # attempt's task id from it lazily: attempt 1 uses "<id>.1".
     run.task_id = f"{run.pk}.1"
     if status == RunStatus.QUEUED and not delay:
-        run_id = run.pk
-        transaction.on_commit(lambda: publish_by_id(run_id), using=router.db_for_write(SupervisedRun))
+        # Published from what we just wrote: no read-back, so a dispatch stays one statement.
+        message = (run.pk, 1, task_name, args, kwargs, kept, run.task_id)
+        transaction.on_commit(lambda: Publisher().publish(*message), using=router.db_for_write(SupervisedRun))
     return run
 
 
@@ -241,6 +242,9 @@ def _publish_on_commit(run: SupervisedRun, attempt: int, task_id: str, publisher
 
 
 def _send_on_commit(signal: Any, run_id: int, **extra: Any) -> None:
+    if not signal.has_listeners(SupervisedRun):
+        return  # nobody listens: spare the hot path the read-back of the run
+
     def send() -> None:
         run = SupervisedRun.objects.filter(pk=run_id).first()
         if run is not None:
@@ -263,8 +267,68 @@ class Claim:
     checkpoint: Any
 
 
+_CLAIM_PG = """
+WITH claimed AS (
+    UPDATE {run} SET status = 'running', worker = %(worker)s, started_at = now(), heartbeat_at = now(),
+        lease_expires_at = now() + lease_timeout,
+        deadline_at = CASE WHEN max_runtime IS NULL THEN NULL ELSE now() + max_runtime END,
+        next_check_at = NULL, finished_at = NULL,
+        task_id = COALESCE(NULLIF(%(task_id)s, ''), task_id)
+    WHERE id = %(run_id)s AND attempt = %(attempt)s AND status = 'queued'
+    RETURNING id, attempt, max_attempts, lease_timeout, checkpoint
+), started AS (
+    INSERT INTO {attempt} (run_id, number, task_id, worker, outcome, created_at, started_at, error, traceback)
+    SELECT id, attempt, %(task_id)s, %(worker)s, 'running', now(), now(), '', '' FROM claimed
+    ON CONFLICT (run_id, number) DO UPDATE
+        SET task_id = EXCLUDED.task_id, worker = EXCLUDED.worker, outcome = 'running', started_at = now()
+)
+SELECT max_attempts, lease_timeout, checkpoint::text FROM claimed
+"""
+
+_SUCCEED_PG = """
+WITH finished AS (
+    UPDATE {run} SET status = 'succeeded', finished_at = now(), lease_expires_at = NULL, deadline_at = NULL,
+        last_error = ''
+    WHERE id = %(run_id)s AND attempt = %(attempt)s AND status = 'running'
+    RETURNING id, attempt
+), ended AS (
+    UPDATE {attempt} AS a SET outcome = 'succeeded', ended_at = now()
+    FROM finished WHERE a.run_id = finished.id AND a.number = finished.attempt
+)
+SELECT count(*) FROM finished
+"""
+
+
+def _pg_sql(template: str) -> str:
+    conn = connections[router.db_for_write(SupervisedRun)]
+    return template.format(
+        run=conn.ops.quote_name(SupervisedRun._meta.db_table),
+        attempt=conn.ops.quote_name(RunAttempt._meta.db_table),
+    )
+
+
+def _fast_path() -> Any:
+    """The PostgreSQL connection when the hot path can run as single statements (CTEs), else None."""
+    conn = connections[router.db_for_write(SupervisedRun)]
+    return conn if conn.vendor == "postgresql" and not conn.in_atomic_block else None
+
+
 def claim(run_id: int, attempt: int, worker: str, task_id: str = "") -> Claim | None:
-    """queued → running for attempt ``attempt``; None when another delivery or attempt has it."""
+    """queued → running for attempt ``attempt``; None when another delivery or attempt has it.
+
+    On PostgreSQL one statement claims the run and starts the attempt's row (a no-op run costs
+    three statements in all: dispatch, claim, finish). Elsewhere, two in a transaction.
+    """
+    conn = _fast_path()
+    if conn is not None:
+        params = {"run_id": run_id, "attempt": attempt, "worker": worker[:255], "task_id": task_id[:255]}
+        with conn.cursor() as cursor:
+            cursor.execute(_pg_sql(_CLAIM_PG), params)
+            row = cursor.fetchone()
+        if row is None:
+            return None
+        checkpoint = None if row[2] is None else json.loads(row[2])
+        return Claim(run_id, attempt, int(row[0]), row[1].total_seconds(), checkpoint)
     values: dict[str, Any] = dict(
         status=RunStatus.RUNNING,
         worker=worker[:255],
@@ -313,6 +377,11 @@ def renew_leases(leases: Iterable[tuple[int, int]]) -> dict[tuple[int, int], Lea
     wanted = list(leases)
     if not wanted:
         return {}
+    conn = connections[router.db_for_write(SupervisedRun)]
+    held: dict[tuple[int, int], bool]
+    if conn.vendor == "postgresql":
+        held = {(run_id, attempt): cancel for run_id, attempt, cancel in _renew_leases_pg(conn, wanted)}
+        return {key: LeaseState(key in held, bool(held.get(key, False))) for key in wanted}
     # Fenced by (id, attempt): a zombie's renewal matches no row and touches nothing.
     match = reduce(operator.or_, (Q(pk=run_id, attempt=attempt) for run_id, attempt in wanted))
     rows = update_returning(
@@ -321,8 +390,23 @@ def renew_leases(leases: Iterable[tuple[int, int]]) -> dict[tuple[int, int], Lea
         heartbeat_at=Now(),
         lease_expires_at=_after(F("lease_timeout")),
     )
-    held = {(r["id"], r["attempt"]): r["cancel_requested"] for r in rows}
+    held = {(r["id"], r["attempt"]): bool(r["cancel_requested"]) for r in rows}
     return {key: LeaseState(key in held, bool(held.get(key, False))) for key in wanted}
+
+
+def _renew_leases_pg(conn: Any, wanted: list[tuple[int, int]]) -> list[tuple[int, int, bool]]:
+    # One statement whatever the number of leases: the (id, attempt) pairs travel as two arrays, so
+    # the SQL text and its plan do not grow with N (an OR of N conditions would).
+    table = conn.ops.quote_name(SupervisedRun._meta.db_table)
+    sql = (
+        f"UPDATE {table} AS r SET heartbeat_at = now(), lease_expires_at = now() + r.lease_timeout "
+        "FROM unnest(%s::bigint[], %s::integer[]) AS l(id, attempt) "
+        "WHERE r.id = l.id AND r.attempt = l.attempt AND r.status = %s "
+        "RETURNING r.id, r.attempt, r.cancel_requested"
+    )
+    with conn.cursor() as cursor:
+        cursor.execute(sql, [[w[0] for w in wanted], [w[1] for w in wanted], RunStatus.RUNNING.value])
+        return [(int(a), int(b), bool(c)) for a, b, c in cursor.fetchall()]
 
 
 def heartbeat(run_id: int, attempt: int, progress: Any = None, checkpoint: Any = None) -> LeaseState:
@@ -362,6 +446,17 @@ def _fenced(run_id: int, attempt: int, worker: str, what: str) -> None:
 
 def finish_success(run_id: int, attempt: int, worker: str = "") -> bool:
     """running → succeeded, fenced by the attempt. False: the lease was lost, nothing written."""
+    conn = _fast_path()
+    if conn is not None:
+        with conn.cursor() as cursor:
+            cursor.execute(_pg_sql(_SUCCEED_PG), {"run_id": run_id, "attempt": attempt})
+            won = cursor.fetchone()[0] == 1
+        if won:
+            _send_on_commit(signals.run_succeeded, run_id, attempt=attempt)
+            return True
+        with transaction.atomic():
+            _fenced(run_id, attempt, worker, "completion")
+        return False
     with transaction.atomic():
         n = SupervisedRun.objects.filter(pk=run_id, attempt=attempt, status=RunStatus.RUNNING).update(
             status=RunStatus.SUCCEEDED,
@@ -586,3 +681,40 @@ def mark_resolved(run_id: int, by: str = "") -> bool:
         .filter(Q(resolved_at__isnull=True) | Q(resolved_at__lt=F("finished_at")))
         .update(resolved_at=Now(), resolved_by=by[:150])
     )
+
+
+# --------------------------------------------------------------------------- retention
+
+
+def prune_runs(older_than: timedelta, keep_last: int = 10, batch_size: int = 1000, dry_run: bool = False) -> int:
+    """Delete terminal runs finished more than ``older_than`` ago, in batches (attempts cascade).
+
+    The last ``keep_last`` runs of every schedule are kept whatever their age, so the admin always
+    shows a schedule's recent history. Active runs are never touched. Returns the number of runs.
+    """
+    from django.db.models import Window
+    from django.db.models.functions import RowNumber
+
+    from .states import TERMINAL_STATUSES
+
+    keep: set[int] = set()
+    if keep_last:
+        ranked = (
+            SupervisedRun.objects.filter(periodic_task__isnull=False)
+            .annotate(rank=Window(RowNumber(), partition_by=[F("periodic_task_id")], order_by=F("id").desc()))
+            .filter(rank__lte=keep_last)
+            .values_list("pk", flat=True)
+        )
+        keep = set(ranked)
+    old = SupervisedRun.objects.filter(status__in=TERMINAL_STATUSES, finished_at__lt=_after(-older_than))
+    if dry_run:
+        return old.exclude(pk__in=keep).count()
+    deleted = 0
+    while True:
+        ids = list(old.exclude(pk__in=keep).order_by("pk").values_list("pk", flat=True)[:batch_size])
+        if not ids:
+            return deleted
+        with transaction.atomic():
+            RunAttempt.objects.filter(run_id__in=ids).delete()
+            SupervisedRun.objects.filter(pk__in=ids).delete()
+        deleted += len(ids)

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from django.db import transaction
+from django.db.models import DurationField, ExpressionWrapper, F
 from django.db.models.functions import Now
 from django.utils import timezone
 
@@ -42,10 +43,14 @@ class SweepReport:
     batches: int = 0
     duration: float = 0.0
     truncated: bool = False
+    #: Seconds between a lease's expiry and the sweep that acted on it (database clock).
+    detection_latencies: list[float] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        data.pop("detection_latencies")
+        return data
 
     @property
     def acted(self) -> int:
@@ -57,6 +62,9 @@ Handler = Callable[[SupervisedRun, services.Publisher, SweepReport], None]
 
 def _lost(run: SupervisedRun, publisher: services.Publisher, report: SweepReport) -> None:
     status = services.recover_lost(run, publisher)
+    lag = getattr(run, "lag", None)
+    if status is not None and lag is not None:
+        report.detection_latencies.append(max(lag.total_seconds(), 0.0))
     if status == RunStatus.QUEUED:
         report.recovered += 1
     elif status == RunStatus.DEAD:
@@ -82,8 +90,13 @@ def _unstarted(run: SupervisedRun, publisher: services.Publisher, report: SweepR
 
 
 #: The sweep's phases in order: each a named QuerySet (answered from a partial index) and a handler.
+def _stale_with_lag(qs: RunQuerySet) -> RunQuerySet:
+    # How late the detection is, measured by the database clock: feeds the latency histogram.
+    return qs.stale().annotate(lag=ExpressionWrapper(Now() - F("lease_expires_at"), output_field=DurationField()))
+
+
 PHASES: list[tuple[str, Callable[[RunQuerySet], RunQuerySet], Handler]] = [
-    ("lost", RunQuerySet.stale, _lost),
+    ("lost", _stale_with_lag, _lost),
     ("overdue", RunQuerySet.overdue, _overdue),
     ("retries", RunQuerySet.due_retries, _retry),
     ("unstarted", RunQuerySet.unstarted, _unstarted),
@@ -91,6 +104,34 @@ PHASES: list[tuple[str, Callable[[RunQuerySet], RunQuerySet], Handler]] = [
 
 #: Hooks other modules add phases through (the scheduler's missed-slot detection).
 EXTRA_PHASES: list[Callable[[SweepReport, float], None]] = []
+
+
+class CumulativeHistogram:
+    """Detection latencies since this process started, in Prometheus' cumulative-bucket form.
+
+    Kept in the supervisor's liveness row (``stats``) so the metrics URL, served by another
+    process, can add up every supervisor's histogram.
+    """
+
+    BUCKETS = (0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+
+    def __init__(self) -> None:
+        self.counts = [0] * len(self.BUCKETS)
+        self.total = 0
+        self.sum = 0.0
+
+    def observe_all(self, values: list[float]) -> dict[str, Any]:
+        for value in values:
+            self.total += 1
+            self.sum += value
+            for i, bound in enumerate(self.BUCKETS):
+                if value <= bound:
+                    self.counts[i] += 1
+        return {"buckets": dict(zip([str(b) for b in self.BUCKETS], self.counts, strict=True)),
+                "count": self.total, "sum": self.sum}  # fmt: skip
+
+
+DETECTION_LATENCY = CumulativeHistogram()
 
 
 def process_name() -> str:
@@ -122,7 +163,9 @@ def run_sweep(name: str | None = None) -> SweepReport:
     report.published = publisher.sent
     report.publish_failures = publisher.failed
     report.duration = time.monotonic() - started
-    record_liveness(ProcessHeartbeat.Kind.SUPERVISOR, name or process_name(), report.as_dict())
+    stats = report.as_dict()
+    stats["detection_latency"] = DETECTION_LATENCY.observe_all(report.detection_latencies)
+    record_liveness(ProcessHeartbeat.Kind.SUPERVISOR, name or process_name(), stats)
     if report.acted:
         logger.info(
             "sweep recovered=%s timed_out=%s dead=%s retried=%s republished=%s in %.3fs",

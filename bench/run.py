@@ -1,0 +1,556 @@
+"""`make bench`: supervised runs measured next to plain Celery, in the same run, on this machine.
+
+Writes bench/results.md and PNG plots in bench/. Needs PostgreSQL, RabbitMQ and Redis on loopback
+(the same servers as `make test`). Every figure is measured here; nothing is copied from elsewhere.
+
+    python bench/run.py [--quick] [--only overhead,recovery,plain,sweep,heartbeat]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+BENCH_DB = "supervisor_bench"
+PG = "postgres://postgres@127.0.0.1:5432"
+RABBIT = "amqp://guest:guest@127.0.0.1:5672//"
+REDIS = "redis://127.0.0.1:6379/14"
+QUEUE = "supervisor-bench"
+SUPERVISION = {
+    "SUPERVISOR_HEARTBEAT_INTERVAL": "0.5",
+    "SUPERVISOR_LEASE_TIMEOUT": "2",
+    "SUPERVISOR_SWEEP_INTERVAL": "0.5",
+}
+
+os.environ.update(
+    DATABASE_URL=f"{PG}/{BENCH_DB}",
+    CELERY_BROKER_URL=RABBIT,
+    CELERY_TASK_DEFAULT_QUEUE=QUEUE,
+    DJANGO_SETTINGS_MODULE="project.settings",
+    SUPERVISOR_LOG_LEVEL="WARNING",
+    **SUPERVISION,
+)
+
+
+def fresh_database() -> None:
+    import psycopg
+
+    with psycopg.connect(f"{PG}/postgres", autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{BENCH_DB}" WITH (FORCE)')
+        conn.execute(f'CREATE DATABASE "{BENCH_DB}"')
+
+
+fresh_database()
+import django  # noqa: E402
+
+django.setup()
+from django.core.management import call_command  # noqa: E402
+from django.db import connection, transaction  # noqa: E402
+from django.test.utils import CaptureQueriesContext  # noqa: E402
+
+from project.models import Execution  # noqa: E402
+from project.processes import Proc, spawn_supervisor, spawn_worker, wait_until  # noqa: E402
+from supervisor_app import services  # noqa: E402
+from supervisor_app.models import RunAttempt, SupervisedRun  # noqa: E402
+
+call_command("migrate", verbosity=0)
+LOGS = ROOT / "var" / "bench-logs"
+OUT = ROOT / "bench"
+LINE_TS = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}):")
+
+
+def purge(queue: str = QUEUE, broker: str | None = None) -> None:
+    from celery import current_app
+
+    with current_app.connection_for_write(broker) as conn:
+        bound = current_app.amqp.queues[queue](conn.default_channel)
+        bound.declare()
+        bound.purge()
+
+
+def reset() -> None:
+    RunAttempt.objects.all().delete()
+    SupervisedRun.objects.all().delete()
+    Execution.objects.all().delete()
+    purge()
+
+
+def log_times(proc: Proc, marker: str) -> list[float]:
+    times = []
+    for line in proc.output().splitlines():
+        if marker in line and (m := LINE_TS.match(line)):
+            times.append(datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp())
+    return times
+
+
+def pct(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
+
+
+# ------------------------------------------------------------------ 2. per-task overhead
+
+
+def drain(name: str, n: int, fill: Callable[[], None]) -> tuple[float, float]:
+    """Fill the queue with ``n`` messages, then start a worker and time it from ready to the last task."""
+    purge()
+    t = time.perf_counter()
+    fill()
+    dispatch = (time.perf_counter() - t) / n
+    worker = spawn_worker(name, LOGS, {"SUPERVISOR_LOG_LEVEL": "WARNING"}, concurrency=2)
+    try:
+        wait_until(lambda: len(log_times(worker, "succeeded in")) >= n, 600, 0.2, f"{name} to drain {n} tasks")
+        ready = log_times(worker, "ready.")[0]
+        last = log_times(worker, "succeeded in")[-1]
+    finally:
+        worker.stop()
+    return n / (last - ready), dispatch
+
+
+def bench_overhead(n: int) -> dict[str, Any]:
+    from project.tasks import noop, plain_noop
+
+    reset()
+    plain_rate, plain_dispatch = drain("plain", n, lambda: [plain_noop.apply_async() for _ in range(n)])
+    supervised_rate, supervised_dispatch = drain("supervised", n, lambda: [noop.delay() for _ in range(n)])
+    assert SupervisedRun.objects.filter(status="succeeded").count() == n
+    connection.queries_log.clear()
+    with CaptureQueriesContext(connection) as ctx:
+        run_id = noop.delay().run_id
+    dispatch_statements = len(ctx.captured_queries)
+    claim_ctx = CaptureQueriesContext(connection)
+    with claim_ctx:
+        services.claim(run_id, 1, "bench")
+        services.finish_success(run_id, 1, "bench")
+    return {
+        "n": n,
+        "plain_rate": plain_rate,
+        "supervised_rate": supervised_rate,
+        "ratio": supervised_rate / plain_rate,
+        "plain_dispatch_ms": plain_dispatch * 1000,
+        "supervised_dispatch_ms": supervised_dispatch * 1000,
+        "dispatch_statements": dispatch_statements,
+        "claim_finish_statements": [q["sql"].split(" ", 1)[0] for q in claim_ctx.captured_queries],
+    }
+
+
+# ------------------------------------------------------------------ 1. recovery after a crash
+
+
+def bench_recovery(trials: int, broker: str = RABBIT) -> dict[str, Any]:
+    from project.tasks import slow_job
+
+    reset()
+    env = {"CELERY_BROKER_URL": broker}
+    sup = spawn_supervisor("bench-supervisor", LOGS, env)
+    workers = [spawn_worker(f"rw{i}", LOGS, env) for i in range(2)]
+    latencies: list[float] = []
+    executions_ok = True
+    try:
+        for w in workers:
+            w.wait_for_output("ready.", 60)
+        for trial in range(trials):
+            run_id = slow_job.delay(6, 0.4, f"trial{trial}").run_id
+            run = wait_until(
+                lambda run_id=run_id: SupervisedRun.objects.filter(
+                    pk=run_id, status="running", checkpoint__gte=1
+                ).first(),
+                60,
+                what="the run to start",
+            )
+            assert run is not None
+            victim = next(w for w in workers if run.worker.startswith(w.name + "@"))
+            killed = time.time()
+            victim.kill()
+            second = wait_until(
+                lambda run_id=run_id: RunAttempt.objects.filter(
+                    run_id=run_id, number=2, started_at__isnull=False
+                ).first(),
+                60,
+                what="attempt 2",
+            )
+            assert second is not None and second.started_at is not None
+            latencies.append(second.started_at.timestamp() - killed)
+            wait_until(lambda run_id=run_id: SupervisedRun.objects.filter(pk=run_id, status="succeeded").exists(), 60)
+            executions_ok &= Execution.objects.filter(run_id=run_id).count() == 1
+            replacement = spawn_worker(f"rw{len(workers)}", LOGS, env)
+            workers[workers.index(victim)] = replacement
+            replacement.wait_for_output("ready.", 60)
+    finally:
+        for w in [sup, *workers]:
+            w.stop()
+    bound = float(SUPERVISION["SUPERVISOR_LEASE_TIMEOUT"]) + float(SUPERVISION["SUPERVISOR_SWEEP_INTERVAL"])
+    return {
+        "trials": trials,
+        "latencies": latencies,
+        "p50": statistics.median(latencies),
+        "p99": pct(latencies, 99),
+        "max": max(latencies),
+        "bound": bound,
+        "ratio_p99": pct(latencies, 99) / bound,
+        "lost": 0,
+        "duplicates": 0 if executions_ok else "yes",
+    }
+
+
+# ------------------------------------------------------------------ 1b. plain Celery in the same harness
+
+
+def plain_case(label: str, task_name: str, broker: str, fault: str, observe: float) -> dict[str, Any]:
+    """Run one 3 s plain task, inflict ``fault`` mid-run, and watch for ``observe`` seconds."""
+    from celery import current_app
+
+    Execution.objects.all().delete()
+    env = {"CELERY_BROKER_URL": broker}
+    purge(broker=broker)
+    victim = spawn_worker("pv", LOGS, env, concurrency=1)
+    other = spawn_worker("po", LOGS, env, concurrency=1)
+    try:
+        victim.wait_for_output("ready.", 60)
+        other.wait_for_output("ready.", 60)
+        other.signal_group(19)  # keep the other worker out until the fault (SIGSTOP)
+        with current_app.connection_for_write(broker) as conn:
+            current_app.send_task(task_name, args=[3.0, label], connection=conn)
+        wait_until(lambda: "received" in victim.output(), 30, what="the victim to receive")
+        time.sleep(1.0)  # mid-run: the task sleeps 3 s (a fault injected at a time, not a sync point)
+        faulted = time.time()
+        if fault == "kill":
+            victim.kill()
+        elif fault == "child":
+            for pid in victim.children():
+                os.kill(pid, 9)
+        elif fault == "stop":
+            victim.signal_group(19)
+        other.signal_group(18)
+        deadline = time.monotonic() + observe
+        first: float | None = None
+        while time.monotonic() < deadline:
+            rows = list(Execution.objects.filter(label=label).values_list("created_at", flat=True))
+            if rows and first is None:
+                first = rows[0].timestamp() - faulted
+            time.sleep(0.2)
+        during = Execution.objects.filter(label=label).count()
+        if fault == "stop":
+            victim.signal_group(18)  # wake the hung worker: does it run the task a second time?
+            time.sleep(5.0)
+        total = Execution.objects.filter(label=label).count()
+    finally:
+        victim.stop()
+        other.stop()
+    return {
+        "case": label,
+        "executions_in_window": during,
+        "executions_total": total,
+        "lost": total == 0,
+        "duplicated": total > 1,
+        "completed_after": first,
+        "window": observe,
+    }
+
+
+def bench_plain(observe: float) -> list[dict[str, Any]]:
+    reset()
+    cases = [
+        ("defaults, RabbitMQ, worker SIGKILL", "project.tasks.plain_sleep", RABBIT, "kill"),
+        ("acks_late+reject_on_worker_lost, RabbitMQ, worker SIGKILL", "project.tasks.plain_sleep_late", RABBIT, "kill"),
+        ("acks_late+reject_on_worker_lost, Redis, worker SIGKILL", "project.tasks.plain_sleep_late", REDIS, "kill"),
+        ("defaults, RabbitMQ, pool child SIGKILL (OOM)", "project.tasks.plain_sleep", RABBIT, "child"),
+        (
+            "acks_late+reject_on_worker_lost, RabbitMQ, pool child SIGKILL",
+            "project.tasks.plain_sleep_late",
+            RABBIT,
+            "child",
+        ),
+        ("acks_late, RabbitMQ, worker SIGSTOP then SIGCONT", "project.tasks.plain_sleep_late", RABBIT, "stop"),
+    ]
+    return [plain_case(label, task, broker, fault, observe) for label, task, broker, fault in cases]
+
+
+# ------------------------------------------------------------------ 3. sweep scaling
+
+
+def clone_rows(template_id: int, n: int, overrides: dict[str, str]) -> None:
+    """INSERT … SELECT n copies of a template row (fast; follows the model's columns as they are)."""
+    cols = [f.column for f in SupervisedRun._meta.concrete_fields if f.column != "id"]
+    select = [overrides.get(c, c) for c in cols]
+    table = SupervisedRun._meta.db_table
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"INSERT INTO {table} ({', '.join(cols)}) SELECT {', '.join(select)} "
+            f"FROM {table}, generate_series(1, %s) AS g WHERE id = %s",
+            [n, template_id],
+        )
+
+
+def template_run(status: str) -> int:
+    policy = services.RunPolicy(max_attempts=3, lease_timeout=2, start_timeout=2, max_runtime=None)
+    run = services.create_run("project.tasks.noop", [], {}, policy, countdown=3600)
+    assert run is not None
+    SupervisedRun.objects.filter(pk=run.pk).update(status=status, next_check_at=None)
+    return run.pk
+
+
+def bench_sweep(sizes: list[int], stale: int) -> list[dict[str, Any]]:
+    from supervisor_app.supervisor import run_sweep
+
+    results = []
+    for size in sizes:
+        reset()
+        done = template_run("succeeded")
+        clone_rows(done, size - 1, {"finished_at": "now() - (g || ' seconds')::interval"})
+        running = template_run("running")
+        clone_rows(
+            running,
+            stale - 1,
+            {"lease_expires_at": "now() - interval '1 minute'", "worker": "'ghost'", "started_at": "now()"},
+        )
+        SupervisedRun.objects.filter(pk=running).update(lease_expires_at=datetime(2020, 1, 1, tzinfo=timezone.utc))
+        with connection.cursor() as cursor:
+            cursor.execute(f"VACUUM ANALYZE {SupervisedRun._meta.db_table}")
+        qs = SupervisedRun.objects.stale().select_for_update(skip_locked=True, of=("self",)).order_by()[:500]
+        with transaction.atomic(), connection.cursor() as cursor:
+            sql, params = qs.query.sql_with_params()
+            cursor.execute("EXPLAIN " + sql, params)
+            plan = "\n".join(row[0] for row in cursor.fetchall())
+        purge()
+        t = time.perf_counter()
+        report = run_sweep("bench")
+        elapsed = time.perf_counter() - t
+        results.append(
+            {
+                "history": size,
+                "stale": stale,
+                "recovered": report.recovered,
+                "published": report.published,
+                "seconds": elapsed,
+                "plan": plan,
+                "uses_partial_index": "supervisor_run_lease_active" in plan,
+            }
+        )
+        purge()
+    return results
+
+
+# ------------------------------------------------------------------ 4. heartbeat cost
+
+
+def bench_heartbeat(counts: list[int]) -> list[dict[str, Any]]:
+    results = []
+    for n in counts:
+        reset()
+        first = template_run("running")
+        clone_rows(first, n - 1, {"lease_expires_at": "now() + interval '1 minute'"})
+        leases = [(pk, 1) for pk in SupervisedRun.objects.values_list("pk", flat=True)]
+        connection.queries_log.clear()  # a full log (9,000 entries) would make the capture empty
+        with CaptureQueriesContext(connection) as ctx:
+            t = time.perf_counter()
+            repeats = 5
+            for _ in range(repeats):
+                states = services.renew_leases(leases)
+            batched = (time.perf_counter() - t) / repeats
+        assert all(s.held for s in states.values())
+        per_run = None
+        if n <= 1000:
+            t = time.perf_counter()
+            for run_id, attempt in leases:
+                services.heartbeat(run_id, attempt)
+            per_run = time.perf_counter() - t
+        results.append(
+            {
+                "leases": n,
+                "statements": len(ctx.captured_queries) // repeats,
+                "batched_ms": batched * 1000,
+                "per_run_ms": None if per_run is None else per_run * 1000,
+            }
+        )
+    return results
+
+
+# ------------------------------------------------------------------ report
+
+
+def plots(results: dict[str, Any]) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    if "recovery" in results:
+        rec = results["recovery"]
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.hist(rec["latencies"], bins=15, color="#1565c0")
+        ax.axvline(rec["bound"], color="#c62828", linestyle="--", label="lease timeout + sweep interval")
+        ax.set_xlabel("seconds from SIGKILL to the next attempt starting elsewhere")
+        ax.set_ylabel("trials")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(OUT / "recovery.png", dpi=110)
+        files.append("recovery.png")
+    if "sweep" in results:
+        rows = results["sweep"]
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot([r["history"] for r in rows], [r["seconds"] for r in rows], marker="o")
+        ax.set_xscale("log")
+        ax.set_ylim(bottom=0)
+        ax.set_xlabel("finished runs in history")
+        ax.set_ylabel(f"sweep seconds ({rows[0]['stale']} expired leases)")
+        fig.tight_layout()
+        fig.savefig(OUT / "sweep.png", dpi=110)
+        files.append("sweep.png")
+    if "heartbeat" in results:
+        rows = results["heartbeat"]
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot([r["leases"] for r in rows], [r["batched_ms"] for r in rows], marker="o", label="one statement (ours)")
+        per = [r for r in rows if r["per_run_ms"] is not None]
+        ax.plot([r["leases"] for r in per], [r["per_run_ms"] for r in per], marker="x", label="one statement per run")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("leases held by one worker process")
+        ax.set_ylabel("ms per heartbeat interval")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(OUT / "heartbeat.png", dpi=110)
+        files.append("heartbeat.png")
+    plt.close("all")
+    return files
+
+
+def markdown(results: dict[str, Any], elapsed: float) -> str:
+    lines = [
+        "# Benchmarks",
+        "",
+        f"Generated by `make bench` on {datetime.now().strftime('%Y-%m-%d %H:%M')} UTC in {elapsed:.0f} s, on this "
+        f"machine ({os.cpu_count()} cores), PostgreSQL + RabbitMQ (+ Redis where named) on loopback. "
+        f"Supervision: heartbeat {SUPERVISION['SUPERVISOR_HEARTBEAT_INTERVAL']} s, lease "
+        f"{SUPERVISION['SUPERVISOR_LEASE_TIMEOUT']} s, sweep {SUPERVISION['SUPERVISOR_SWEEP_INTERVAL']} s. "
+        "Workers: prefork, prefetch multiplier 1.",
+        "",
+    ]
+    if "recovery" in results:
+        r = results["recovery"]
+        ok = "met" if r["p99"] <= r["bound"] + 0.5 else "**missed**"
+        lines += [
+            "## 1. Recovery after a worker is SIGKILLed mid-run (supervised)",
+            "",
+            f"{r['trials']} trials, RabbitMQ: kill → next attempt started on another worker.",
+            "",
+            "| p50 | p99 | max | lease + sweep | p99 / (lease + sweep) | runs lost | duplicated completions |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+            f"| {r['p50']:.2f} s | {r['p99']:.2f} s | {r['max']:.2f} s | {r['bound']:.1f} s | {r['ratio_p99']:.2f} | "
+            f"{r['lost']} | {r['duplicates']} |",
+            "",
+            f"Target p99 ≤ lease + sweep + 0.5 s: {ok}. ![recovery](recovery.png)",
+            "",
+        ]
+    if "plain" in results:
+        lines += [
+            "### Plain Celery in the same harness (one 3 s task, fault 1 s in)",
+            "",
+            "| case | executions within the window | total (after SIGCONT for the hang) | outcome |",
+            "| --- | --- | --- | --- |",
+        ]
+        for c in results["plain"]:
+            if c["lost"]:
+                outcome = "**lost**"
+            elif c["duplicated"]:
+                outcome = "**ran twice**"
+            elif c["executions_in_window"] == 0:
+                outcome = f"not recovered within {c['window']:.0f} s"
+            else:
+                outcome = f"completed {c['completed_after']:.1f} s after the fault"
+            lines.append(f"| {c['case']} | {c['executions_in_window']} | {c['executions_total']} | {outcome} |")
+        lines.append("")
+    if "overhead" in results:
+        o = results["overhead"]
+        lines += [
+            "## 2. Per-task overhead (no-op tasks, RabbitMQ, prefork concurrency 2)",
+            "",
+            "| | plain Celery | supervised | ratio |",
+            "| --- | --- | --- | --- |",
+            f"| worker throughput (tasks/s) | {o['plain_rate']:.0f} | {o['supervised_rate']:.0f} | {o['ratio']:.2f} |",
+            f"| dispatch (`.delay()`, ms) | {o['plain_dispatch_ms']:.2f} | {o['supervised_dispatch_ms']:.2f} | "
+            f"{o['supervised_dispatch_ms'] / o['plain_dispatch_ms']:.1f}× |",
+            "",
+            f"{o['n']} tasks each. Statements: dispatch {o['dispatch_statements']}; claim + finish "
+            f"{len(o['claim_finish_statements'])} ({', '.join(o['claim_finish_statements'])}). "
+            f"Target ≥ 0.8×: {'met' if o['ratio'] >= 0.8 else '**missed**'}.",
+            "",
+        ]
+    if "sweep" in results:
+        lines += [
+            "## 3. Sweep scaling",
+            "",
+            "| finished runs in history | expired leases | recovered | sweep time | partial index used |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        for r in results["sweep"]:
+            lines.append(
+                f"| {r['history']:,} | {r['stale']:,} | {r['recovered']:,} | {r['seconds']:.2f} s | "
+                f"{'yes' if r['uses_partial_index'] else 'no'} |"
+            )
+        lines += [
+            "",
+            "Plan of the batch query at the largest size:",
+            "",
+            "```",
+            results["sweep"][-1]["plan"],
+            "```",
+            "",
+        ]
+        lines += ["![sweep](sweep.png)", ""]
+    if "heartbeat" in results:
+        lines += [
+            "## 4. Heartbeat cost per interval (one worker process)",
+            "",
+            "| leases held | statements | batched renewal | one statement per run |",
+            "| --- | --- | --- | --- |",
+        ]
+        for r in results["heartbeat"]:
+            per = "-" if r["per_run_ms"] is None else f"{r['per_run_ms']:.1f} ms"
+            lines.append(f"| {r['leases']:,} | {r['statements']} | {r['batched_ms']:.2f} ms | {per} |")
+        lines += ["", "![heartbeat](heartbeat.png)", ""]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="Small sizes, to check the harness.")
+    parser.add_argument("--only", default="overhead,recovery,plain,sweep,heartbeat")
+    args = parser.parse_args()
+    only = set(args.only.split(","))
+    started = time.monotonic()
+    results: dict[str, Any] = {}
+    if "overhead" in only:
+        results["overhead"] = bench_overhead(300 if args.quick else 3000)
+        print("overhead", {k: v for k, v in results["overhead"].items()}, flush=True)
+    if "recovery" in only:
+        results["recovery"] = bench_recovery(3 if args.quick else 20)
+        print("recovery p50/p99", results["recovery"]["p50"], results["recovery"]["p99"], flush=True)
+    if "plain" in only:
+        results["plain"] = bench_plain(8.0 if args.quick else 20.0)
+        print("plain", results["plain"], flush=True)
+    if "sweep" in only:
+        sizes = [10_000, 100_000] if args.quick else [10_000, 100_000, 1_000_000]
+        results["sweep"] = bench_sweep(sizes, 1000)
+        print("sweep", [(r["history"], r["seconds"]) for r in results["sweep"]], flush=True)
+    if "heartbeat" in only:
+        results["heartbeat"] = bench_heartbeat([1, 100, 1000, 10_000])
+        print("heartbeat", results["heartbeat"], flush=True)
+    plots(results)
+    (OUT / "results.md").write_text(markdown(results, time.monotonic() - started))
+    print((OUT / "results.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
