@@ -18,6 +18,7 @@ from datetime import timedelta
 from functools import reduce
 from typing import Any
 
+from django.core.exceptions import EmptyResultSet
 from django.db import IntegrityError, connections, router, transaction
 from django.db.models import Case, DateTimeField, DurationField, ExpressionWrapper, F, Q, Value, When
 from django.db.models.expressions import Combinable
@@ -63,7 +64,10 @@ def update_returning(qs: Any, returning: Sequence[str], **values: Any) -> list[d
     query = qs.query.chain(UpdateQuery)
     query.add_update_values(values)
     compiler = query.get_compiler(qs.db)
-    sql, params = compiler.as_sql()
+    try:
+        sql, params = compiler.as_sql()
+    except EmptyResultSet:  # e.g. pk__in=[]: nothing can match, nothing to send
+        return []
     model = qs.model
     cols = [model._meta.get_field(name) for name in returning]
     sql = f"{sql} RETURNING {', '.join(connections[qs.db].ops.quote_name(f.column) for f in cols)}"
@@ -161,7 +165,12 @@ def create_run(
     if status == RunStatus.QUEUED and not delay:
         # Published from what we just wrote: no read-back, so a dispatch stays one statement.
         message = (run.pk, 1, task_name, args, kwargs, kept, run.task_id)
-        transaction.on_commit(lambda: Publisher().publish(*message), using=router.db_for_write(SupervisedRun))
+
+        def publish_first() -> None:
+            with Publisher() as publisher:
+                publisher.publish(*message)
+
+        transaction.on_commit(publish_first, using=router.db_for_write(SupervisedRun))
     return run
 
 
@@ -173,24 +182,52 @@ def first_task_id(run_id: int) -> str:
 
 
 class Publisher:
-    """Sends attempts to the broker; after one failure it stops trying for its lifetime (a sweep),
-    so a broker outage costs one connection error per sweep, not one per run."""
+    """Sends attempts to the broker.
+
+    One producer (one broker channel) serves every message of a publisher's lifetime, a sweep:
+    a mass recovery publishes hundreds of messages without a pool round trip each. After one failure
+    it stops trying for its lifetime, so a broker outage costs one connection error per sweep, not
+    one per run; the runs stay queued and the next sweep tries again.
+    """
 
     def __init__(self) -> None:
         self.broken = False
         self.sent = 0
         self.failed = 0
+        self._producer: Any = None
+
+    def _acquire(self) -> Any:
+        if self._producer is None:
+            from celery import current_app
+
+            self._producer = current_app.producer_pool.acquire(block=True)
+        return self._producer
+
+    def close(self) -> None:
+        if self._producer is not None:
+            producer, self._producer = self._producer, None
+            try:
+                producer.release()
+            except Exception:  # a dead connection: the pool revives it on its next use
+                logger.debug("producer release failed", exc_info=True)
+
+    def __enter__(self) -> Publisher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def publish(
         self, run_id: int, attempt: int, task_name: str, args: Any, kwargs: Any, options: Any, task_id: str
     ) -> bool:
         if not self.broken:
             try:
-                _send(run_id, attempt, task_name, args, kwargs, options, task_id)
+                _send(run_id, attempt, task_name, args, kwargs, options, task_id, producer=self._acquire())
                 self.sent += 1
                 return True
             except Exception as exc:  # broker down, DNS, auth...: the run stays queued
                 self.broken = True
+                self.close()
                 logger.warning(
                     "could not publish run %s attempt %s (%s); it stays queued and "
                     "the supervisor will publish it again",
@@ -206,7 +243,21 @@ class Publisher:
         return False
 
 
-def _send(run_id: int, attempt: int, task_name: str, args: Any, kwargs: Any, options: Any, task_id: str) -> None:
+#: One quick reconnect (a connection that died since its last use, a broker restart), no waiting:
+#: the run is durable and the supervisor publishes it again, so blocking the caller buys nothing.
+RETRY_POLICY = {"max_retries": 1, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.2}
+
+
+def _send(
+    run_id: int,
+    attempt: int,
+    task_name: str,
+    args: Any,
+    kwargs: Any,
+    options: Any,
+    task_id: str,
+    producer: Any = None,
+) -> None:
     from celery import current_app
 
     current_app.send_task(
@@ -215,8 +266,9 @@ def _send(run_id: int, attempt: int, task_name: str, args: Any, kwargs: Any, opt
         kwargs=kwargs,
         task_id=task_id,
         headers={HEADER_RUN: run_id, HEADER_ATTEMPT: attempt},
-        # No in-process retries: the run is durable, the supervisor publishes it again.
-        retry=False,
+        retry=True,
+        retry_policy=RETRY_POLICY,
+        producer=producer,
         **(options or {}),
     )
 
@@ -239,6 +291,18 @@ def publish_by_id(run_id: int, publisher: Publisher | None = None) -> bool:
 def _publish_on_commit(run: SupervisedRun, attempt: int, task_id: str, publisher: Publisher) -> None:
     args = (run.pk, attempt, run.task_name, run.args, run.kwargs, run.options, task_id)
     transaction.on_commit(lambda: publisher.publish(*args), using=router.db_for_write(SupervisedRun))
+
+
+def _send_many_on_commit(signal: Any, extras: Mapping[int, dict[str, Any]]) -> None:
+    """Send ``signal`` for many runs after commit, reading them back in one query."""
+    if not extras or not signal.has_listeners(SupervisedRun):
+        return
+
+    def send() -> None:
+        for run in SupervisedRun.objects.filter(pk__in=list(extras)):
+            signal.send_robust(sender=SupervisedRun, run=run, **extras[run.pk])
+
+    transaction.on_commit(send, using=router.db_for_write(SupervisedRun))
 
 
 def _send_on_commit(signal: Any, run_id: int, **extra: Any) -> None:
@@ -565,17 +629,77 @@ def _requeue_or_bury(
     return RunStatus.DEAD
 
 
-def recover_lost(run: SupervisedRun, publisher: Publisher) -> str | None:
-    """An expired lease: the agent died, hung or was cut off."""
-    lost = run.attempt
-    return _requeue_or_bury(
-        run,
-        {"status": RunStatus.RUNNING, "lease_expires_at__lt": Now()},
-        AttemptOutcome.LOST,
-        "lost: lease expired",
-        publisher,
-        lambda: _send_on_commit(signals.run_recovered, run.pk, lost_attempt=lost),
+def recover_lost_batch(runs: Sequence[SupervisedRun], publisher: Publisher) -> tuple[list[int], list[int]]:
+    """:func:`recover_lost` for a locked batch, in a constant number of statements.
+
+    A mass failure (a host with hundreds of runs dies) then costs a handful of statements per batch
+    instead of three per run: one conditional UPDATE per outcome, one INSERT of the new attempts'
+    rows, one UPDATE of the lost attempts' rows. Returns (re-queued run ids, dead run ids).
+    """
+    from django.db.models import CharField
+    from django.db.models.functions import Cast, Concat
+
+    by_id = {run.pk: run for run in runs}
+    error = Concat(
+        Value("attempt "),
+        Cast("attempt", CharField()),
+        Value(" lost: lease expired (worker "),
+        F("worker"),
+        Value(")"),
+        output_field=CharField(),
     )
+    stale = SupervisedRun.objects.filter(status=RunStatus.RUNNING, lease_expires_at__lt=Now())
+    token = uuid.uuid4().hex[:12]
+    queued = update_returning(
+        stale.filter(pk__in=[r.pk for r in runs if r.attempt < r.max_attempts]),
+        ["id", "attempt", "task_id"],
+        status=RunStatus.QUEUED,
+        attempt=F("attempt") + 1,
+        task_id=Concat(
+            Cast("id", CharField()),
+            Value("."),
+            Cast(F("attempt") + 1, CharField()),
+            Value("." + token),
+            output_field=CharField(),
+        ),
+        last_error=error,
+        worker="",
+        started_at=None,
+        heartbeat_at=None,
+        lease_expires_at=None,
+        deadline_at=None,
+        publish_count=1,
+        next_check_at=_after(F("start_timeout")),
+    )
+    dead = update_returning(
+        stale.filter(pk__in=[r.pk for r in runs if r.attempt >= r.max_attempts]),
+        ["id"],
+        status=RunStatus.DEAD,
+        last_error=error,
+        finished_at=Now(),
+        lease_expires_at=None,
+        deadline_at=None,
+    )
+    queued_ids = [row["id"] for row in queued]
+    dead_ids = [row["id"] for row in dead]
+    if queued_ids or dead_ids:
+        # The attempt that was running is the only attempt row of its run still marked running.
+        RunAttempt.objects.filter(run_id__in=queued_ids + dead_ids, outcome=AttemptOutcome.RUNNING).update(
+            outcome=AttemptOutcome.LOST, ended_at=Now(), error="lease expired"
+        )
+    # The unique (run, number) constraint backs the conditional update: a second supervisor that
+    # somehow passed it would fail here and roll its whole batch back.
+    RunAttempt.objects.bulk_create(
+        [RunAttempt(run_id=row["id"], number=row["attempt"], task_id=row["task_id"]) for row in queued]
+    )
+    for row in queued:
+        _publish_on_commit(by_id[row["id"]], row["attempt"], row["task_id"], publisher)
+    _send_many_on_commit(signals.run_recovered, {row["id"]: {"lost_attempt": row["attempt"] - 1} for row in queued})
+    _send_many_on_commit(
+        signals.run_dead,
+        {run_id: {"attempt": by_id[run_id].attempt, "reason": AttemptOutcome.LOST} for run_id in dead_ids},
+    )
+    return queued_ids, dead_ids
 
 
 def time_out(run: SupervisedRun, publisher: Publisher) -> str | None:
@@ -663,7 +787,9 @@ def retry_now(run_id: int) -> bool:
         if not SupervisedRun.objects.filter(pk=run.pk, attempt=run.attempt, status=run.status).update(**values):
             return False
         RunAttempt.objects.create(run_id=run.pk, number=next_attempt, task_id=values["task_id"])
-        _publish_on_commit(run, next_attempt, values["task_id"], Publisher())
+        publisher = Publisher()
+        _publish_on_commit(run, next_attempt, values["task_id"], publisher)
+        transaction.on_commit(publisher.close)
     return True
 
 

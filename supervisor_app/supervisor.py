@@ -57,39 +57,41 @@ class SweepReport:
         return self.recovered + self.timed_out + self.dead + self.retried + self.republished
 
 
-Handler = Callable[[SupervisedRun, services.Publisher, SweepReport], None]
+Handler = Callable[[list[SupervisedRun], services.Publisher, SweepReport], None]
 
 
-def _lost(run: SupervisedRun, publisher: services.Publisher, report: SweepReport) -> None:
-    status = services.recover_lost(run, publisher)
-    lag = getattr(run, "lag", None)
-    if status is not None and lag is not None:
-        report.detection_latencies.append(max(lag.total_seconds(), 0.0))
-    if status == RunStatus.QUEUED:
-        report.recovered += 1
-    elif status == RunStatus.DEAD:
-        report.dead += 1
+def _lost(batch: list[SupervisedRun], publisher: services.Publisher, report: SweepReport) -> None:
+    queued, dead = services.recover_lost_batch(batch, publisher)
+    report.recovered += len(queued)
+    report.dead += len(dead)
+    acted = set(queued) | set(dead)
+    for run in batch:
+        lag = getattr(run, "lag", None)
+        if lag is not None and run.pk in acted:
+            report.detection_latencies.append(max(lag.total_seconds(), 0.0))
 
 
-def _overdue(run: SupervisedRun, publisher: services.Publisher, report: SweepReport) -> None:
-    status = services.time_out(run, publisher)
-    if status == RunStatus.QUEUED:
-        report.timed_out += 1
-    elif status == RunStatus.DEAD:
-        report.dead += 1
+def _overdue(batch: list[SupervisedRun], publisher: services.Publisher, report: SweepReport) -> None:
+    for run in batch:
+        status = services.time_out(run, publisher)
+        if status == RunStatus.QUEUED:
+            report.timed_out += 1
+        elif status == RunStatus.DEAD:
+            report.dead += 1
 
 
-def _retry(run: SupervisedRun, publisher: services.Publisher, report: SweepReport) -> None:
-    if services.dispatch_retry(run, publisher):
-        report.retried += 1
+def _retry(batch: list[SupervisedRun], publisher: services.Publisher, report: SweepReport) -> None:
+    for run in batch:
+        if services.dispatch_retry(run, publisher):
+            report.retried += 1
 
 
-def _unstarted(run: SupervisedRun, publisher: services.Publisher, report: SweepReport) -> None:
-    if services.republish(run, publisher):
-        report.republished += 1
+def _unstarted(batch: list[SupervisedRun], publisher: services.Publisher, report: SweepReport) -> None:
+    for run in batch:
+        if services.republish(run, publisher):
+            report.republished += 1
 
 
-#: The sweep's phases in order: each a named QuerySet (answered from a partial index) and a handler.
 def _stale_with_lag(qs: RunQuerySet) -> RunQuerySet:
     # How late the detection is, measured by the database clock: feeds the latency histogram.
     return qs.stale().annotate(lag=ExpressionWrapper(Now() - F("lease_expires_at"), output_field=DurationField()))
@@ -144,20 +146,20 @@ def run_sweep(name: str | None = None) -> SweepReport:
     deadline = started + supervisor_settings.sweep_time_limit
     batch_size = supervisor_settings.sweep_batch_size
     report = SweepReport()
-    publisher = services.Publisher()
-    for _phase, select, handle in PHASES:
-        while True:
-            if time.monotonic() > deadline:
-                report.truncated = True
-                break
-            with transaction.atomic():
-                qs = select(SupervisedRun.objects.all())
-                batch = list(qs.select_for_update(skip_locked=True, of=("self",)).order_by()[:batch_size])
-                for run in batch:
-                    handle(run, publisher, report)
-            report.batches += 1
-            if len(batch) < batch_size:
-                break
+    with services.Publisher() as publisher:
+        for _phase, select, handle in PHASES:
+            while True:
+                if time.monotonic() > deadline:
+                    report.truncated = True
+                    break
+                with transaction.atomic():
+                    qs = select(SupervisedRun.objects.all())
+                    batch = list(qs.select_for_update(skip_locked=True, of=("self",)).order_by()[:batch_size])
+                    if batch:
+                        handle(batch, publisher, report)
+                report.batches += 1
+                if len(batch) < batch_size:
+                    break
     for extra in EXTRA_PHASES:
         extra(report, deadline)
     report.published = publisher.sent

@@ -112,7 +112,7 @@ def sent(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int, str]]:
     calls: list[tuple[int, int, str]] = []
     from supervisor_app import services
 
-    def fake_send(run_id: int, attempt: int, task_name: str, *args: Any) -> None:
+    def fake_send(run_id: int, attempt: int, task_name: str, *args: Any, **kwargs: Any) -> None:
         calls.append((run_id, attempt, task_name))
 
     monkeypatch.setattr(services, "_send", fake_send)

@@ -221,7 +221,7 @@ def test_run_past_max_runtime_is_timed_out_and_requeued(
 def test_broker_down_at_dispatch_keeps_the_run_for_the_supervisor(
     monkeypatch: pytest.MonkeyPatch, django_capture_on_commit_callbacks: Any, fast_settings: Any
 ) -> None:
-    def refuse(*args: Any) -> None:
+    def refuse(*args: Any, **kwargs: Any) -> None:
         raise ConnectionRefusedError(111, "Connection refused")
 
     monkeypatch.setattr(services, "_send", refuse)
@@ -230,7 +230,7 @@ def test_broker_down_at_dispatch_keeps_the_run_for_the_supervisor(
     run = SupervisedRun.objects.get(pk=result.run_id)
     assert run.status == RunStatus.QUEUED and run.publish_count == 0
     delivered: list[int] = []
-    monkeypatch.setattr(services, "_send", lambda run_id, *a: delivered.append(run_id))
+    monkeypatch.setattr(services, "_send", lambda run_id, *a, **k: delivered.append(run_id))
     with django_capture_on_commit_callbacks(execute=True):
         assert run_sweep("t").republished == 1
     assert delivered == [run.pk]
