@@ -44,3 +44,14 @@ clean:
 ## make bench: supervised vs plain Celery on PostgreSQL + RabbitMQ (+ Redis); writes bench/results.md and plots.
 bench: $(STAMP)
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
+## make chaos: the fault suite's long form: hundreds of runs under random, seeded faults, once per seed
+## (CHAOS_SEEDS="1 2 3" by default; CHAOS_SEED=n for one). Uses its own database and queue.
+CHAOS_SEEDS ?= $(if $(CHAOS_SEED),$(CHAOS_SEED),11 23 37)
+CHAOS_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/supervisor_chaos
+chaos: $(STAMP)
+	@for seed in $(CHAOS_SEEDS); do \
+		echo "== chaos seed $$seed"; \
+		CHAOS_SEED=$$seed DATABASE_URL=$(CHAOS_DATABASE_URL) CELERY_BROKER_URL=$(TEST_BROKER_URL) \
+		CELERY_TASK_DEFAULT_QUEUE=supervisor-chaos $(BIN)/python -m pytest tests/chaos.py -q $(PYTEST_ARGS) || exit 1; \
+	done

@@ -59,6 +59,26 @@ def flaky(self: SupervisedTask, mode: str = "retryable", label: str = "") -> Non
         raise ConnectionError("first attempt fails")
 
 
+@shared_task(base=SupervisedTask, bind=True)
+def effect_job(self: SupervisedTask, steps: int = 3, step_seconds: float = 0.1, label: str = "") -> int:
+    """slow_job whose side effect goes through the idempotency helper: written once per run."""
+    start = int(self.checkpoint or 0)
+    for step in range(start, steps):
+        time.sleep(step_seconds)
+        self.heartbeat(progress={"step": step + 1, "of": steps, "pid": os.getpid()}, checkpoint=step + 1)
+    with self.effect("record") as first:
+        if first:
+            _record(self, label)
+    return steps
+
+
+@shared_task(base=SupervisedTask, bind=True, max_attempts=2, backoff=0.1, backoff_jitter=False)
+def bad_heartbeat(self: SupervisedTask, label: str = "") -> None:
+    """Raises inside its own heartbeat: the checkpoint is not JSON (a bug in the task)."""
+    _record(self, label)
+    self.heartbeat(checkpoint={"when": object()})
+
+
 @shared_task
 def plain_noop() -> None:
     """A plain Celery task, the benchmarks' baseline."""

@@ -127,6 +127,18 @@ def heartbeat(run_id: int, attempt: int, progress: Any = None, checkpoint: Any =
         raise RunCancelled(f"run {run_id} was cancelled")
 
 
+def _drop_broken_connection() -> None:
+    """Close this thread's database connection if an error broke it (terminated, server restarted).
+
+    Celery keeps a worker's connection between tasks (``CELERY_DB_REUSE_MAX``) and never runs
+    Django's per-request ``close_old_connections``, so without this a pool process whose connection
+    was cut fails every later task with "the connection is closed". Free on the hot path: it checks
+    only after an error occurred on the connection.
+    """
+    if connection.connection is not None and connection.errors_occurred and not connection.is_usable():
+        connection.close()
+
+
 def execute(task: SupervisedTask, run_id: int, attempt: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """Run one delivered attempt: claim, body with lease kept, fenced finish."""
     from celery.exceptions import Ignore
@@ -134,6 +146,7 @@ def execute(task: SupervisedTask, run_id: int, attempt: int, args: tuple[Any, ..
     request = task.request
     worker = str(getattr(request, "hostname", None) or f"pid-{os.getpid()}")
     task_id = str(getattr(request, "id", "") or "")
+    _drop_broken_connection()
     won = services.claim(run_id, attempt, worker, task_id)
     if won is None:
         # A duplicate or late delivery (republished message, broker redelivery, superseded attempt).
@@ -157,6 +170,7 @@ def execute(task: SupervisedTask, run_id: int, attempt: int, args: tuple[Any, ..
             # SystemExit, KeyboardInterrupt, a revoke's termination: the attempt is left running and
             # its lease expires; the supervisor decides, from the database, what happens next.
             raise
+        _drop_broken_connection()  # the body's error may be the database's: record it on a fresh connection
         policy: RetryPolicy = task.retry_policy(max_attempts=won.max_attempts)
         decision: FailureDecision = decide_failure(policy, attempt, exc)
         services.finish_failure(

@@ -26,6 +26,11 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
         value = values.get(name)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             errors.append(Error(f"SUPERVISOR_{name} must be an integer >= 1, got {value!r}", id="supervisor_app.E003"))
+    limit = values.get("MAX_ARGS_BYTES")
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+        errors.append(
+            Error(f"SUPERVISOR_MAX_ARGS_BYTES must be an integer >= 1 or None, got {limit!r}", id="supervisor_app.E003")
+        )
     lease, beat = values.get("LEASE_TIMEOUT"), values.get("HEARTBEAT_INTERVAL")
     if isinstance(lease, float) and isinstance(beat, float) and lease > 0 and beat > 0:
         if lease <= beat:

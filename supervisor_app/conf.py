@@ -148,6 +148,13 @@ SETTINGS: dict[str, Setting] = {
             duration=True,
         ),
         Setting("SCHEDULE_MAX_SLOTS", 1000, "At most this many overdue slots of one schedule are recorded at once."),
+        # ------------------------------------------------ bad input (issue 6)
+        Setting(
+            "MAX_ARGS_BYTES",
+            1048576,
+            "Largest JSON encoding (bytes) of a run's arguments; a bigger dispatch is refused with "
+            "`ValueError` before anything is recorded (pass a reference instead). None: no limit.",
+        ),
     ]
 }
 

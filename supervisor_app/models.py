@@ -310,3 +310,26 @@ class SupervisionPolicy(models.Model):
         if name in current_app.tasks and name not in supervised:
             return f"{name} is not a SupervisedTask: a supervision policy would have no effect on it."
         return None
+
+
+# --------------------------------------------------------------------------- exactly-once effects (issue 6)
+
+
+class Effect(models.Model):
+    """One side effect of a run, recorded once (``supervisor_app.idempotency``).
+
+    Inserted in the same transaction as the effect's own database writes: the unique ``(run, key)``
+    constraint lets exactly one attempt of a run commit the effect, however often the body runs.
+    """
+
+    run = models.ForeignKey(SupervisedRun, on_delete=models.CASCADE, related_name="effects", db_index=False)
+    key = models.CharField(max_length=255)
+    #: The attempt that performed the effect.
+    attempt = models.PositiveIntegerField()
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["run", "key"], name="supervisor_effect_unique_key")]
+
+    def __str__(self) -> str:
+        return f"run {self.run_id} effect {self.key!r} (attempt {self.attempt})"

@@ -105,9 +105,19 @@ class RunPolicy:
 def check_json(task_name: str, args: Any, kwargs: Any) -> None:
     """Refuse arguments that would not survive the JSON round trip, before anything is recorded."""
     try:
-        json.dumps([args, kwargs], allow_nan=False)
+        encoded = json.dumps([args, kwargs], allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise TypeError(f"{task_name}: arguments of a supervised task must be JSON-serialisable ({exc})") from exc
+    from .conf import supervisor_settings
+
+    limit = supervisor_settings.MAX_ARGS_BYTES
+    if limit is not None:
+        size = len(encoded.encode())
+        if size > limit:
+            raise ValueError(
+                f"{task_name}: arguments are {size} bytes of JSON, over SUPERVISOR_MAX_ARGS_BYTES ({limit}); "
+                "pass a reference (a primary key, a file name) instead of the data"
+            )
 
 
 def create_run(

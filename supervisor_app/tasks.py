@@ -11,13 +11,17 @@ Usage::
 
 from __future__ import annotations
 
+import logging
+from contextlib import AbstractContextManager
 from typing import Any
 
 from celery import Task, shared_task
 
-from . import agent, services
+from . import agent, idempotency, services
 from .conf import supervisor_settings
 from .states import RetryPolicy, exception_types
+
+logger = logging.getLogger("supervisor_app")
 
 
 class SupervisedTask(Task):  # type: ignore[misc]
@@ -63,8 +67,8 @@ class SupervisedTask(Task):  # type: ignore[misc]
         s = supervisor_settings
         return RetryPolicy(
             max_attempts=int(max_attempts or self.max_attempts or s.max_attempts),
-            backoff=float(self.backoff if self.backoff is not None else s.backoff),
-            backoff_max=float(self.backoff_max if self.backoff_max is not None else s.backoff_max),
+            backoff=float(self.backoff if self.backoff is not None else s.retry_backoff),
+            backoff_max=float(self.backoff_max if self.backoff_max is not None else s.retry_backoff_max),
             jitter=bool(self.backoff_jitter if self.backoff_jitter is not None else s.backoff_jitter),
             retryable=tuple(self.retryable_exceptions)
             if self.retryable_exceptions is not None
@@ -120,10 +124,25 @@ class SupervisedTask(Task):  # type: ignore[misc]
         request = self.request
         run_id = getattr(request, services.HEADER_RUN, None)
         attempt = getattr(request, services.HEADER_ATTEMPT, None)
-        if run_id is None or attempt is None or request.called_directly:
-            # Called as a function, eagerly, or from a message that carries no run: no supervision.
+        if request.called_directly or (run_id is None and attempt is None):
+            # Called as a function, eagerly, or from a plain message that carries no run (a producer
+            # that bypassed apply_async, a non-supervising beat): executed once, unsupervised.
+            if not request.called_directly and not request.is_eager:
+                logger.warning("%s: message %s carries no run; executed unsupervised", self.name, request.id)
             return self.run(*args, **kwargs)
-        return agent.execute(self, int(run_id), int(attempt), args, kwargs)
+        try:
+            run, number = int(str(run_id)), int(str(attempt))
+        except (TypeError, ValueError):
+            run, number = 0, 0
+        if run < 1 or number < 1:
+            # Half a fencing token is no token: never run such a message outside the fence.
+            logger.error(
+                "%s: message %s has a malformed run/attempt (%r, %r); dropped", self.name, request.id, run_id, attempt
+            )
+            from celery.exceptions import Ignore
+
+            raise Ignore()
+        return agent.execute(self, run, number, args, kwargs)
 
     @property
     def checkpoint(self) -> Any:
@@ -139,6 +158,24 @@ class SupervisedTask(Task):  # type: ignore[misc]
     def attempt(self) -> int | None:
         value = getattr(self.request, services.HEADER_ATTEMPT, None)
         return None if value is None else int(value)
+
+    @property
+    def idempotency_key(self) -> str | None:
+        """A key that is the same on every attempt of this run, for services that deduplicate on one.
+
+        None outside a supervised execution (called directly, eager).
+        """
+        run_id = self.run_id
+        return None if run_id is None else idempotency.idempotency_key(run_id)
+
+    def effect(self, key: str) -> AbstractContextManager[bool]:
+        """``with self.effect("key") as first:`` perform a database side effect once per run.
+
+        The block is a transaction holding the effect's record (unique per run and key) and your
+        writes; ``first`` is False when an earlier attempt already committed it. Raises ``LeaseLost``
+        in a zombie whose run was taken over. See :mod:`supervisor_app.idempotency`.
+        """
+        return idempotency.effect(self.run_id, key, self.attempt)
 
     def heartbeat(self, progress: Any = None, checkpoint: Any = None) -> None:
         """Renew the lease now, optionally recording progress and a JSON checkpoint.

@@ -1,0 +1,1 @@
+"""Fault-injection helpers: the invariant checker, fault tools and the scenario report (issue 6)."""
