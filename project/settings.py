@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 import dj_database_url
+import django
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(os.environ.get("DEMO_VAR_DIR", BASE_DIR / "var"))
@@ -71,8 +72,15 @@ else:
             # Several processes (workers, supervisor) share the file: WAL and a generous busy timeout.
             "OPTIONS": {
                 "timeout": 30,
-                "transaction_mode": "IMMEDIATE",
-                "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+                # Django 5.1+ only (Django 4.2 has neither option; the busy timeout still applies there).
+                **(
+                    {
+                        "transaction_mode": "IMMEDIATE",
+                        "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+                    }
+                    if django.VERSION >= (5, 1)
+                    else {}
+                ),
             },
         }
     }

@@ -138,7 +138,9 @@ class CappedPaginator(Paginator):
 
 class RunChangeList(ChangeList):
     def get_queryset(self, request: HttpRequest, exclude_parameters: Any = None) -> QuerySet[Any]:
-        return super().get_queryset(request, exclude_parameters).defer(*LIST_DEFERRED)
+        # ``exclude_parameters`` exists from Django 5.0 on; Django 4.2 calls with the request only.
+        args = (request,) if exclude_parameters is None else (request, exclude_parameters)
+        return super().get_queryset(*args).defer(*LIST_DEFERRED)
 
 
 class TaskNameFilter(admin.SimpleListFilter):

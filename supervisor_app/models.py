@@ -7,6 +7,7 @@ from datetime import timedelta
 from django.db import models
 from django.db.models import Q
 
+from .compat import check_constraint
 from .querysets import RunQuerySet
 from .states import ACTIVE_STATUSES, AttemptOutcome, RunStatus
 
@@ -74,10 +75,8 @@ class SupervisedRun(models.Model):
                 condition=Q(periodic_task__isnull=False),
                 name="supervisor_run_unique_slot",
             ),
-            models.CheckConstraint(condition=Q(attempt__gte=1), name="supervisor_run_attempt_gte_1"),
-            models.CheckConstraint(
-                condition=Q(status__in=[s.value for s in RunStatus]), name="supervisor_run_status_valid"
-            ),
+            check_constraint(Q(attempt__gte=1), "supervisor_run_attempt_gte_1"),
+            check_constraint(Q(status__in=[s.value for s in RunStatus]), "supervisor_run_status_valid"),
         ]
         indexes = [
             # The sweep's queries read only active rows: these partial indexes stay small however

@@ -3,6 +3,9 @@
 import django.db.models.deletion
 from django.db import migrations, models
 
+# CheckConstraint(condition=...) is Django 5.1+; the app supports 4.2 too.
+from supervisor_app.compat import check_constraint
+
 
 class Migration(migrations.Migration):
 
@@ -100,11 +103,11 @@ class Migration(migrations.Migration):
         ),
         migrations.AddConstraint(
             model_name='supervisedrun',
-            constraint=models.CheckConstraint(condition=models.Q(('attempt__gte', 1)), name='supervisor_run_attempt_gte_1'),
+            constraint=check_constraint(models.Q(('attempt__gte', 1)), 'supervisor_run_attempt_gte_1'),
         ),
         migrations.AddConstraint(
             model_name='supervisedrun',
-            constraint=models.CheckConstraint(condition=models.Q(('status__in', ['queued', 'running', 'retrying', 'succeeded', 'failed', 'dead', 'cancelled', 'missed', 'skipped'])), name='supervisor_run_status_valid'),
+            constraint=check_constraint(models.Q(('status__in', ['queued', 'running', 'retrying', 'succeeded', 'failed', 'dead', 'cancelled', 'missed', 'skipped'])), 'supervisor_run_status_valid'),
         ),
         migrations.AddConstraint(
             model_name='runattempt',
