@@ -15,4 +15,8 @@ class SupervisorAppConfig(AppConfig):
 
         checks.register(supervisor_checks.check_settings, checks.Tags.compatibility)
         checks.register(supervisor_checks.check_celery, checks.Tags.compatibility)
-        from . import scheduling  # noqa: F401  (registers the missed-slot phase of the sweep)
+        # Importing scheduling registers the missed-slot phase of the sweep.
+        from . import alerts, scheduling  # noqa: F401
+
+        checks.register(alerts.check_alert_settings, checks.Tags.compatibility)
+        alerts.install()  # signal receivers of the alert channels, and the digest phase of the sweep

@@ -140,7 +140,59 @@ SETTINGS: dict[str, Setting] = {
             "Seconds: overdue slots older than this are never caught up, only recorded `missed`.",
             duration=True,
         ),
-        Setting("ALERT_RECIPIENTS", [], "E-mail addresses told about missed slots (per schedule: the policy's)."),
+        Setting(
+            "ALERT_RECIPIENTS",
+            [],
+            "E-mail addresses alerted (through Django's mail) on the `SUPERVISOR_ALERT_ON` events: runs of any "
+            "task, and missed slots (per schedule: the policy's).",
+        ),
+        # ------------------------------------------------ alert channels
+        Setting(
+            "ALERT_ON",
+            ["dead", "failed", "missed"],
+            "Events that alert the e-mail recipients and the webhook: any of `dead`, `failed`, `missed`, "
+            "`recovered` (per schedule: the policy's `alert_on`).",
+        ),
+        Setting(
+            "ALERT_WEBHOOK_URL",
+            None,
+            "URL that receives each alert as a JSON POST, sent by a Celery task (never by the sweep). "
+            "Per schedule: the policy's. It may hold a token: logs show only its scheme and host.",
+        ),
+        Setting(
+            "ALERT_WEBHOOK_TIMEOUT",
+            5.0,
+            "Seconds one webhook request may take (connect and read).",
+            duration=True,
+        ),
+        Setting(
+            "ALERT_WEBHOOK_RETRIES",
+            3,
+            "Further tries after a webhook request times out, cannot connect or gets a 5xx or 429 answer.",
+        ),
+        Setting(
+            "ALERT_WEBHOOK_BACKOFF",
+            1.0,
+            "Seconds before the first webhook retry; doubled each time (capped at 30 s).",
+            duration=True,
+        ),
+        Setting(
+            "ALERT_QUEUE",
+            None,
+            "Celery queue of the webhook task (None: the default queue).",
+        ),
+        Setting(
+            "ALERT_RATE_LIMIT",
+            10,
+            "At most this many alerts per channel (one recipient list, one webhook) per window; the rest are "
+            "counted and summarised in one digest after the window. None: no limit.",
+        ),
+        Setting(
+            "ALERT_RATE_WINDOW",
+            3600.0,
+            "Seconds of one rate-limit window.",
+            duration=True,
+        ),
         Setting(
             "SCHEDULE_LOOKBACK",
             86400.0,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+from django.core.validators import URLValidator
 from django.db import models
 from django.db.models import Q
 
@@ -239,6 +240,22 @@ class SupervisionPolicy(models.Model):
         default="",
         help_text="E-mail addresses, comma or newline separated. SUPERVISOR_ALERT_RECIPIENTS if empty.",
     )
+    alert_on = models.CharField(
+        max_length=100,
+        blank=True,
+        default="",
+        help_text="Events that alert, comma separated (dead, failed, missed, recovered), or `none`. "
+        "SUPERVISOR_ALERT_ON if empty.",
+    )
+    alert_webhook_url = models.CharField(
+        max_length=1000,
+        blank=True,
+        default="",
+        # http(s) only: urllib would also open file:// URLs. (A CharField: URLField's form field warns
+        # about its default scheme on Django 5.x.)
+        validators=[URLValidator(schemes=["http", "https"])],
+        help_text="Alerts are POSTed here as JSON (from a task). SUPERVISOR_ALERT_WEBHOOK_URL if empty.",
+    )
 
     class Meta:
         verbose_name = "supervision policy"
@@ -290,6 +307,13 @@ class SupervisionPolicy(models.Model):
                 bad.append(address)
         if bad:
             errors["alert_recipients"] = f"Not e-mail addresses: {', '.join(bad)}."
+        if self.alert_on:
+            from .alerts import parse_events
+
+            try:
+                parse_events(self.alert_on)
+            except ValueError as exc:
+                errors["alert_on"] = str(exc)
         task_error = self._task_error()
         if task_error:
             errors["periodic_task"] = task_error
@@ -332,3 +356,39 @@ class Effect(models.Model):
 
     def __str__(self) -> str:
         return f"run {self.run_id} effect {self.key!r} (attempt {self.attempt})"
+
+
+# --------------------------------------------------------------------------- alerts (issue 7)
+
+
+class AlertWindow(models.Model):
+    """How many alerts one channel (a recipient list, a webhook) sent in one fixed time window.
+
+    The rate limit is a conditional ``UPDATE … SET sent = sent + 1 WHERE sent < limit`` on this row
+    (created with ``ON CONFLICT DO NOTHING``), so any number of supervisors and workers share it.
+    Alerts over the limit only count ``suppressed``; one digest per window reports them.
+    """
+
+    #: ``email:<hash>`` or ``webhook:<hash>``: a hash of the destination, never the destination.
+    channel = models.CharField(max_length=80)
+    window_start = models.DateTimeField()
+    sent = models.PositiveIntegerField(default=0)
+    suppressed = models.PositiveIntegerField(default=0)
+    #: Where the digest goes: ``{"kind": "email", "to": [...]}`` or ``{"kind": "webhook", "policy": pk}``
+    #: (a webhook URL is looked up again at sending time and never stored here).
+    route = models.JSONField(default=dict, blank=True)
+    digest_sent_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["channel", "window_start"], name="supervisor_alert_window")]
+        indexes = [
+            # The sweep's digest query: only windows that suppressed something and await their digest.
+            models.Index(
+                fields=["window_start"],
+                condition=Q(suppressed__gt=0, digest_sent_at__isnull=True),
+                name="supervisor_alert_digest_due",
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.channel} from {self.window_start:%Y-%m-%d %H:%M} ({self.sent} sent, {self.suppressed} held)"

@@ -304,27 +304,20 @@ def record(defn: ScheduleDef, decisions: Sequence[slots.Decision], reason: str =
 
 
 def alert_missed(schedule: str, recipients: Sequence[str], runs: Sequence[SupervisedRun]) -> None:
-    """Signal, log and mail missed slots (after commit: a rolled-back record alerts nobody)."""
+    """Signal and log missed slots (after commit: a rolled-back record alerts nobody).
+
+    Mail and webhook alerts are :mod:`supervisor_app.alerts`' receivers of ``run_missed``: the
+    slots of one call go out as one ``batch``, so they make one alert.
+    """
     listed = ", ".join(r.scheduled_for.isoformat() if r.scheduled_for else f"run {r.pk}" for r in runs[:20])
     more = f" and {len(runs) - 20} more" if len(runs) > 20 else ""
     reason = runs[0].last_error
     logger.warning("schedule %r missed %d slot(s): %s%s (%s)", schedule, len(runs), listed, more, reason)
 
     def notify() -> None:
+        batch = list(runs)
         for run in runs:
-            signals.run_missed.send_robust(sender=SupervisedRun, run=run, reason=run.last_error)
-        if recipients:
-            from django.core.mail import send_mail
-
-            try:
-                send_mail(
-                    f"[supervisor] {schedule}: {len(runs)} missed slot(s)",
-                    f"Schedule {schedule!r} missed {len(runs)} slot(s): {listed}{more}.\nReason: {reason}\n",
-                    None,
-                    list(recipients),
-                )
-            except Exception as exc:  # a mail outage must not stop the sweep or the beat
-                logger.error("could not mail the missed-slot alert of %r (%s)", schedule, exc)
+            signals.run_missed.send_robust(sender=SupervisedRun, run=run, reason=run.last_error, batch=batch)
 
     transaction.on_commit(notify)
 

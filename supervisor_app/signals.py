@@ -25,5 +25,6 @@ run_timed_out = Signal()
 run_fenced = Signal()
 #: The run was cancelled. Extra: ``attempt``.
 run_cancelled = Signal()
-#: A scheduled slot was not started inside its window. Extra: ``reason``.
+#: A scheduled slot was not started inside its window. Extra: ``reason``; ``batch``, the runs of the
+#: same schedule missed together (one signal each), for receivers that alert once per batch.
 run_missed = Signal()

@@ -198,3 +198,8 @@ def sweep() -> dict[str, Any]:
     from .supervisor import run_sweep
 
     return run_sweep().as_dict()
+
+
+# Webhook alerts and periodic retention live in their own module; importing it here registers them
+# wherever Celery's autodiscovery imports ``supervisor_app.tasks``.
+from . import alert_tasks  # noqa: E402, F401
