@@ -104,6 +104,14 @@ SETTINGS: dict[str, Setting] = {
             duration=True,
         ),
         Setting(
+            "ASYNC_AGENT_COMMIT",
+            True,
+            "PostgreSQL: workers' claims, lease renewals and completions do not wait for the WAL flush "
+            "(`synchronous_commit = off` for those statements only). A database crash can forget the "
+            "last fraction of a second of them; each is then recovered like a lost worker. Dispatch "
+            "always waits: a recorded run survives a crash.",
+        ),
+        Setting(
             "REQUIRE_BEAT",
             None,
             "Whether health checks require a live beat. None: required when any periodic task is enabled.",

@@ -381,6 +381,28 @@ def _pg_sql(template: str) -> str:
     )
 
 
+#: Prefix of the agent's single-statement writes when SUPERVISOR_ASYNC_AGENT_COMMIT is on. The
+#: statements of one query string run in one implicit transaction, so SET LOCAL covers exactly them.
+_ASYNC_COMMIT = "SET LOCAL synchronous_commit TO off; "
+
+
+def _agent_execute(cursor: Any, sql: str, params: Mapping[str, Any] | Sequence[Any]) -> None:
+    """Run an agent write (claim, renewal, finish), without waiting for its WAL flush if allowed.
+
+    Safe because every agent write is recoverable: if PostgreSQL crashes and forgets the last
+    fraction of a second of them, a forgotten claim looks queued (republished), a forgotten renewal
+    or finish looks like an expired lease (recovered). Dispatch never does this: a recorded run
+    must survive a crash.
+    """
+    from .conf import supervisor_settings
+
+    if supervisor_settings.raw("ASYNC_AGENT_COMMIT"):
+        cursor.execute(_ASYNC_COMMIT + sql, params)
+        cursor.nextset()
+    else:
+        cursor.execute(sql, params)
+
+
 def _fast_path() -> Any:
     """The PostgreSQL connection when the hot path can run as single statements (CTEs), else None."""
     conn = connections[router.db_for_write(SupervisedRun)]
@@ -397,7 +419,7 @@ def claim(run_id: int, attempt: int, worker: str, task_id: str = "") -> Claim | 
     if conn is not None:
         params = {"run_id": run_id, "attempt": attempt, "worker": worker[:255], "task_id": task_id[:255]}
         with conn.cursor() as cursor:
-            cursor.execute(_pg_sql(_CLAIM_PG), params)
+            _agent_execute(cursor, _pg_sql(_CLAIM_PG), params)
             row = cursor.fetchone()
         if row is None:
             return None
@@ -479,7 +501,7 @@ def _renew_leases_pg(conn: Any, wanted: list[tuple[int, int]]) -> list[tuple[int
         "RETURNING r.id, r.attempt, r.cancel_requested"
     )
     with conn.cursor() as cursor:
-        cursor.execute(sql, [[w[0] for w in wanted], [w[1] for w in wanted], RunStatus.RUNNING.value])
+        _agent_execute(cursor, sql, [[w[0] for w in wanted], [w[1] for w in wanted], RunStatus.RUNNING.value])
         return [(int(a), int(b), bool(c)) for a, b, c in cursor.fetchall()]
 
 
@@ -523,7 +545,7 @@ def finish_success(run_id: int, attempt: int, worker: str = "") -> bool:
     conn = _fast_path()
     if conn is not None:
         with conn.cursor() as cursor:
-            cursor.execute(_pg_sql(_SUCCEED_PG), {"run_id": run_id, "attempt": attempt})
+            _agent_execute(cursor, _pg_sql(_SUCCEED_PG), {"run_id": run_id, "attempt": attempt})
             won = cursor.fetchone()[0] == 1
         if won:
             _send_on_commit(signals.run_succeeded, run_id, attempt=attempt)

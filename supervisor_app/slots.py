@@ -25,9 +25,11 @@ Rules (documented in ``docs/scheduling.md``):
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone, tzinfo
+from functools import lru_cache
 from typing import Literal
 
 UTC = timezone.utc
@@ -153,9 +155,36 @@ def _day_matches(rule: Crontab, day: date) -> bool:
     )
 
 
-def _crontab_day(rule: Crontab, day: date) -> list[datetime]:
+@lru_cache(maxsize=4096)
+def _minutes_of_day(hours: frozenset[int], minutes: frozenset[int]) -> tuple[int, ...]:
+    return tuple(sorted(h * 60 + m for h in hours for m in minutes))
+
+
+def _steady_offset(tz: tzinfo, day: date) -> timedelta | None:
+    """The UTC offset of ``tz`` all day long, or None on a day with a DST transition.
+
+    Transitions happen at most once a day, so equal offsets at both ends of the day mean none.
+    """
+    start = datetime(day.year, day.month, day.day, tzinfo=tz).utcoffset()
+    end = datetime(day.year, day.month, day.day, 23, 59, 59, tzinfo=tz).utcoffset()
+    return start if start == end else None
+
+
+@lru_cache(maxsize=8192)
+def _crontab_day(rule: Crontab, day: date) -> tuple[datetime, ...]:
+    # Cached: beat asks every schedule for its next slot at every heap rebuild, and schedules that
+    # share a crontab share the answer. Computing a day is cheap anyway on the common days without
+    # a DST transition (arithmetic, no time-zone lookups per slot).
     if not _day_matches(rule, day):
-        return []
+        return ()
+    offset = _steady_offset(rule.tz, day)
+    if offset is not None:
+        midnight = datetime(day.year, day.month, day.day, tzinfo=UTC) - offset
+        return tuple(midnight + timedelta(minutes=m) for m in _minutes_of_day(rule.hours, rule.minutes))
+    return tuple(_crontab_day_with_transition(rule, day))
+
+
+def _crontab_day_with_transition(rule: Crontab, day: date) -> list[datetime]:
     both = rule.hours >= frozenset(range(24))
     out: set[datetime] = set()  # a set: slots in one spring-forward gap collapse into one
     for hour in rule.hours:
@@ -167,7 +196,7 @@ def _crontab_day(rule: Crontab, day: date) -> list[datetime]:
 def _days(rule: Crontab | Solar, start: datetime) -> tuple[date, Callable[[date], list[datetime]]]:
     if isinstance(rule, Crontab):
         # One day earlier: a local day's slots can lie before its UTC date.
-        return start.astimezone(rule.tz).date() - ONE_DAY, lambda d: _crontab_day(rule, d)
+        return start.astimezone(rule.tz).date() - ONE_DAY, lambda d: list(_crontab_day(rule, d))
 
     def solar_day(day: date) -> list[datetime]:
         at = rule.calculator(rule.event, rule.latitude, rule.longitude, day)
@@ -223,6 +252,17 @@ def next_slot_after(rule: Rule, after: datetime, bounds: Bounds = NO_BOUNDS) -> 
     elif isinstance(rule, Clocked):
         at = _utc(rule.at)
         found = at if at > after else None
+    elif isinstance(rule, Crontab):
+        # Days are sorted tuples: a binary search finds the next slot without scanning the day.
+        found = None
+        day = after.astimezone(rule.tz).date() - ONE_DAY
+        stop_day = (after + HORIZON).date()
+        while found is None and day <= stop_day:
+            day_slots = _crontab_day(rule, day)
+            i = bisect_right(day_slots, after)
+            if i < len(day_slots):
+                found = day_slots[i]
+            day += ONE_DAY
     else:
         found = None
         day, slots_of = _days(rule, after)

@@ -264,3 +264,31 @@ def test_supervisor_records_its_liveness(dispatched: Callable[..., int]) -> None
     beat = ProcessHeartbeat.objects.get(kind="supervisor", name="sup-1")
     assert beat.last_seen >= beat.started_at
     assert "recovered" in beat.stats
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_single_statement_agent_path_on_postgres(sent: list[Any], settings: Any) -> None:
+    """Outside a transaction, claim / renew / finish run as one statement each, fenced like the rest,
+    and their relaxed commit (SET LOCAL) does not leak into the connection the task body uses."""
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    settings.SUPERVISOR_ASYNC_AGENT_COMMIT = True
+    run_id = int(noop.delay().run_id)
+    with CaptureQueriesContext(connection) as ctx:
+        won = services.claim(run_id, 1, "w1", task_id="t1")
+        assert services.renew_leases([(run_id, 1)])[(run_id, 1)].held
+        assert services.finish_success(run_id, 1, "w1") is True
+    assert len(ctx.captured_queries) == 3
+    assert won is not None and won.max_attempts == 3 and won.checkpoint is None
+    with connection.cursor() as cursor:
+        cursor.execute("SHOW synchronous_commit")
+        assert cursor.fetchone()[0] == "on"
+    attempt = RunAttempt.objects.get(run_id=run_id, number=1)
+    assert (attempt.outcome, attempt.worker, attempt.task_id) == ("succeeded", "w1", "t1")
+    assert attempt.ended_at is not None
+    # A second delivery and a zombie finish both find nothing to do.
+    assert services.claim(run_id, 1, "w2") is None
+    assert services.finish_success(run_id, 1, "w2") is False
+    assert SupervisedRun.objects.get(pk=run_id).status == RunStatus.SUCCEEDED
