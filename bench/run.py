@@ -9,6 +9,7 @@ Writes bench/results.md and PNG plots in bench/. Needs PostgreSQL, RabbitMQ and 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import statistics
@@ -183,7 +184,7 @@ def bench_recovery(trials: int, broker: str = RABBIT) -> dict[str, Any]:
             latencies.append(second.started_at.timestamp() - killed)
             wait_until(lambda run_id=run_id: SupervisedRun.objects.filter(pk=run_id, status="succeeded").exists(), 60)
             executions_ok &= Execution.objects.filter(run_id=run_id).count() == 1
-            replacement = spawn_worker(f"rw{len(workers)}", LOGS, env)
+            replacement = spawn_worker(f"rw{trial + 2}", LOGS, env)
             workers[workers.index(victim)] = replacement
             replacement.wait_for_output("ready.", 60)
     finally:
@@ -207,22 +208,25 @@ def bench_recovery(trials: int, broker: str = RABBIT) -> dict[str, Any]:
 
 
 def plain_case(label: str, task_name: str, broker: str, fault: str, observe: float) -> dict[str, Any]:
-    """Run one 3 s plain task, inflict ``fault`` mid-run, and watch for ``observe`` seconds."""
+    """Run one 6 s plain task, inflict ``fault`` mid-run, and watch for ``observe`` seconds.
+
+    The second worker starts only once the victim holds the message, so the broker cannot hand it
+    to the second one first; it is ready before the fault.
+    """
     from celery import current_app
 
     Execution.objects.all().delete()
     env = {"CELERY_BROKER_URL": broker}
     purge(broker=broker)
     victim = spawn_worker("pv", LOGS, env, concurrency=1)
-    other = spawn_worker("po", LOGS, env, concurrency=1)
+    other: Proc | None = None
     try:
         victim.wait_for_output("ready.", 60)
-        other.wait_for_output("ready.", 60)
-        other.signal_group(19)  # keep the other worker out until the fault (SIGSTOP)
         with current_app.connection_for_write(broker) as conn:
-            current_app.send_task(task_name, args=[3.0, label], connection=conn)
+            current_app.send_task(task_name, args=[6.0, label], connection=conn)
         wait_until(lambda: "received" in victim.output(), 30, what="the victim to receive")
-        time.sleep(1.0)  # mid-run: the task sleeps 3 s (a fault injected at a time, not a sync point)
+        other = spawn_worker("po", LOGS, env, concurrency=1)
+        other.wait_for_output("ready.", 60)
         faulted = time.time()
         if fault == "kill":
             victim.kill()
@@ -231,7 +235,6 @@ def plain_case(label: str, task_name: str, broker: str, fault: str, observe: flo
                 os.kill(pid, 9)
         elif fault == "stop":
             victim.signal_group(19)
-        other.signal_group(18)
         deadline = time.monotonic() + observe
         first: float | None = None
         while time.monotonic() < deadline:
@@ -242,11 +245,12 @@ def plain_case(label: str, task_name: str, broker: str, fault: str, observe: flo
         during = Execution.objects.filter(label=label).count()
         if fault == "stop":
             victim.signal_group(18)  # wake the hung worker: does it run the task a second time?
-            time.sleep(5.0)
+            time.sleep(8.0)
         total = Execution.objects.filter(label=label).count()
     finally:
         victim.stop()
-        other.stop()
+        if other is not None:
+            other.stop()
     return {
         "case": label,
         "executions_in_window": during,
@@ -530,14 +534,14 @@ def markdown(results: dict[str, Any], elapsed: float) -> str:
         ]
     if "plain" in results:
         lines += [
-            "### Plain Celery in the same harness (one 3 s task, fault 1 s in)",
+            "### Plain Celery in the same harness (one 6 s task; the fault comes once a second worker is ready)",
             "",
             "| case | executions within the window | total (after SIGCONT for the hang) | outcome |",
             "| --- | --- | --- | --- |",
         ]
         for c in results["plain"]:
             if c["lost"]:
-                outcome = "**lost**"
+                outcome = f"**lost** (not run again within {c['window']:.0f} s)"
             elif c["duplicated"]:
                 outcome = "**ran twice**"
             elif c["executions_in_window"] == 0:
@@ -562,6 +566,21 @@ def markdown(results: dict[str, Any], elapsed: float) -> str:
             f"Target ≥ 0.8×: {'met' if o['ratio'] >= 0.8 else '**missed**'}.",
             "",
         ]
+        if o["ratio"] < 0.8:
+            lines += [
+                "What bounds it (profiled with py-spy and cProfile): a no-op plain task costs the worker about "
+                "2 ms here; a supervised one adds two synchronous round trips to PostgreSQL (the claim, one "
+                "CTE statement that also starts the attempt row, and the finish, one CTE statement), about "
+                "1 ms each on this machine measured alone (0.3 ms of it planning and executing, the rest "
+                "protocol and commit), and PostgreSQL shares the two cores with the two pool processes. "
+                "Already cut: one statement each for dispatch, claim and finish (was 8 with BEGIN/COMMIT), "
+                "no WAL-flush wait for agent writes (`SUPERVISOR_ASYNC_AGENT_COMMIT`), lease renewals off "
+                "the task's thread in one statement per process, no read-back at dispatch, DEBUG off. Next "
+                "steps, not done: finish asynchronously from the lease keeper thread in batches (group "
+                "commit), prepared statements. For real tasks (tens of ms and more) the fixed ~2 ms is "
+                "what matters, not the ratio on no-ops.",
+                "",
+            ]
     if "sweep" in results:
         lines += [
             "## 3. Sweep scaling",
@@ -574,6 +593,14 @@ def markdown(results: dict[str, Any], elapsed: float) -> str:
                 f"| {r['history']:,} | {r['stale']:,} | {r['recovered']:,} | {r['seconds']:.2f} s | "
                 f"{'yes' if r['uses_partial_index'] else 'no'} |"
             )
+        if max(r["seconds"] for r in results["sweep"]) >= 1.0:
+            lines += [
+                "",
+                "1,000 re-enqueued in < 1 s: **missed** narrowly when the time includes publishing them. The "
+                "database side is a handful of statements per batch of 500 (about 0.3 s for 1,000); the rest is "
+                "Celery's `send_task`, about 1 ms per message here even on one shared producer. Flat in history "
+                "size: met.",
+            ]
         lines += [
             "",
             "Plan of the batch query at the largest size:",
@@ -584,6 +611,17 @@ def markdown(results: dict[str, Any], elapsed: float) -> str:
             "",
         ]
         lines += ["![sweep](sweep.png)", ""]
+    if "heartbeat" in results:
+        lines += [
+            "## 4. Heartbeat cost per interval (one worker process)",
+            "",
+            "| leases held | statements | batched renewal | one statement per run |",
+            "| --- | --- | --- | --- |",
+        ]
+        for r in results["heartbeat"]:
+            per = "-" if r["per_run_ms"] is None else f"{r['per_run_ms']:.1f} ms"
+            lines.append(f"| {r['leases']:,} | {r['statements']} | {r['batched_ms']:.2f} ms | {per} |")
+        lines += ["", "![heartbeat](heartbeat.png)", ""]
     if "beat" in results:
         lines += [
             "## 5. Beat at scale: schedules due at the same minute boundary",
@@ -599,17 +637,18 @@ def markdown(results: dict[str, Any], elapsed: float) -> str:
                 f"{r['published']:,} | {took} | {dup} |"
             )
         lines += ["", "Target: 10,000 supervised schedules, two beats, all recorded and published in < 10 s.", ""]
-    if "heartbeat" in results:
-        lines += [
-            "## 4. Heartbeat cost per interval (one worker process)",
-            "",
-            "| leases held | statements | batched renewal | one statement per run |",
-            "| --- | --- | --- | --- |",
-        ]
-        for r in results["heartbeat"]:
-            per = "-" if r["per_run_ms"] is None else f"{r['per_run_ms']:.1f} ms"
-            lines.append(f"| {r['leases']:,} | {r['statements']} | {r['batched_ms']:.2f} ms | {per} |")
-        lines += ["", "![heartbeat](heartbeat.png)", ""]
+        ours = results["beat"][0]
+        if ours["seconds_to_all"] is None or ours["seconds_to_all"] >= 10:
+            lines += [
+                "**Missed.** What bounds it: each beat fires its entries one at a time, and every fire is a "
+                "transaction with a savepoint, one INSERT (or a unique-constraint conflict when the other beat "
+                "won), a publish and an UPDATE of the periodic task: about 8 ms per slot and beat here, so both "
+                "beats race through the same 10,000 entries instead of sharing them. Celery's O(N) per-send "
+                "comparison of all entries is gone (it made django-celery-beat send under 1,000 in the minute). "
+                "Next step, not done: record all slots due at one tick in one multi-row "
+                "`INSERT … ON CONFLICT DO NOTHING RETURNING` and publish only the returned rows.",
+                "",
+            ]
     return "\n".join(lines) + "\n"
 
 
@@ -646,6 +685,7 @@ def main() -> None:
         print("beat", results["beat"], flush=True)
     plots(results)
     (OUT / "results.md").write_text(markdown(results, time.monotonic() - started))
+    (OUT / "results.json").write_text(json.dumps(results, indent=1, default=str))
     print((OUT / "results.md").read_text())
 
 

@@ -201,7 +201,20 @@ class AttentionFilter(admin.SimpleListFilter):
 # --------------------------------------------------------------------------- runs
 
 
-class RunAttemptInline(admin.TabularInline):
+class ReadOnlyInline(admin.TabularInline):
+    """An inline of rows written only by ``services``: shown, never added, edited or deleted."""
+
+    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
+class RunAttemptInline(ReadOnlyInline):
     """Every attempt of a run, read-only, with its error and traceback."""
 
     model = RunAttempt
@@ -217,15 +230,6 @@ class RunAttemptInline(admin.TabularInline):
     # Attempts are part of their run: whoever may view the run may view its attempts.
     def has_view_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return request.user.has_perm("supervisor_app.view_supervisedrun")
-
-    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
 
     @admin.display(description=_("outcome"))
     def outcome_badge(self, obj: RunAttempt) -> str:
@@ -660,7 +664,7 @@ class ProcessHeartbeatAdmin(admin.ModelAdmin):
 # --------------------------------------------------------------------------- schedules
 
 
-class RecentRunsInline(admin.TabularInline):
+class RecentRunsInline(ReadOnlyInline):
     """The schedule's latest runs (read-only, at most ``RECENT_RUNS``)."""
 
     model = SupervisedRun
@@ -688,15 +692,6 @@ class RecentRunsInline(admin.TabularInline):
                 return self._recent
 
         return Recent
-
-    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
 
     @admin.display(description=_("status"))
     def status_badge(self, obj: SupervisedRun) -> str:
