@@ -471,32 +471,35 @@ class SupervisedRunAdmin(admin.ModelAdmin):
             return HttpResponseRedirect(reverse("admin:supervisor_app_supervisedrun_change", args=[ids[0]]))
         return None
 
+    def _tell(self, request: HttpRequest, text: str, count: int, level: int) -> None:
+        """One feedback message, when there is something to count (``text`` has ``%(count)d``)."""
+        if count:
+            self.message_user(request, text % {"count": count}, level)
+
     @admin.action(permissions=["retry"], description=_("Retry now (start a new attempt)"))
     def retry_now(self, request: HttpRequest, queryset: QuerySet[SupervisedRun]) -> HttpResponse | None:
         ids = self._ids(queryset)
         done = sum(1 for pk in ids if services.retry_now(pk))
-        if done:
-            self.message_user(
-                request,
-                ngettext(
-                    "%(count)d run was queued for a new attempt.",
-                    "%(count)d runs were queued for a new attempt.",
-                    done,
-                )
-                % {"count": done},
-                messages.SUCCESS,
-            )
-        if len(ids) - done:
-            self.message_user(
-                request,
-                ngettext(
-                    "%(count)d run was not retried: it is running (cancel it first).",
-                    "%(count)d runs were not retried: they are running (cancel them first).",
-                    len(ids) - done,
-                )
-                % {"count": len(ids) - done},
-                messages.WARNING,
-            )
+        self._tell(
+            request,
+            ngettext(
+                "%(count)d run was queued for a new attempt.",
+                "%(count)d runs were queued for a new attempt.",
+                done,
+            ),
+            done,
+            messages.SUCCESS,
+        )
+        self._tell(
+            request,
+            ngettext(
+                "%(count)d run was not retried: it is running (cancel it first).",
+                "%(count)d runs were not retried: they are running (cancel them first).",
+                len(ids) - done,
+            ),
+            len(ids) - done,
+            messages.WARNING,
+        )
         return self._done(request, ids)
 
     @admin.action(permissions=["cancel"], description=_("Cancel (running runs stop at their next heartbeat)"))
@@ -506,36 +509,32 @@ class SupervisedRunAdmin(admin.ModelAdmin):
         cancelled = outcomes.count(RunStatus.CANCELLED)
         requested = outcomes.count(RunStatus.RUNNING)
         refused = len(ids) - cancelled - requested
-        if cancelled:
-            self.message_user(
-                request,
-                ngettext("%(count)d run was cancelled.", "%(count)d runs were cancelled.", cancelled)
-                % {"count": cancelled},
-                messages.SUCCESS,
-            )
-        if requested:
-            self.message_user(
-                request,
-                ngettext(
-                    "Cancellation was requested for %(count)d running run: its worker stops it at the next heartbeat.",
-                    "Cancellation was requested for %(count)d running runs: their workers stop them at the next "
-                    "heartbeat.",
-                    requested,
-                )
-                % {"count": requested},
-                messages.SUCCESS,
-            )
-        if refused:
-            self.message_user(
-                request,
-                ngettext(
-                    "%(count)d run was not cancelled: it has already finished.",
-                    "%(count)d runs were not cancelled: they have already finished.",
-                    refused,
-                )
-                % {"count": refused},
-                messages.WARNING,
-            )
+        self._tell(
+            request,
+            ngettext("%(count)d run was cancelled.", "%(count)d runs were cancelled.", cancelled),
+            cancelled,
+            messages.SUCCESS,
+        )
+        self._tell(
+            request,
+            ngettext(
+                "Cancellation was requested for %(count)d running run: its worker stops it at the next heartbeat.",
+                "Cancellation was requested for %(count)d running runs: their workers stop them at the next heartbeat.",
+                requested,
+            ),
+            requested,
+            messages.SUCCESS,
+        )
+        self._tell(
+            request,
+            ngettext(
+                "%(count)d run was not cancelled: it has already finished.",
+                "%(count)d runs were not cancelled: they have already finished.",
+                refused,
+            ),
+            refused,
+            messages.WARNING,
+        )
         return self._done(request, ids)
 
     @admin.action(permissions=["resolve"], description=_("Mark resolved (acknowledge failed, dead or missed runs)"))
@@ -543,24 +542,22 @@ class SupervisedRunAdmin(admin.ModelAdmin):
         ids = self._ids(queryset)
         by = request.user.get_username()
         done = sum(1 for pk in ids if services.mark_resolved(pk, by=by))
-        if done:
-            self.message_user(
-                request,
-                ngettext("%(count)d run was marked resolved.", "%(count)d runs were marked resolved.", done)
-                % {"count": done},
-                messages.SUCCESS,
-            )
-        if len(ids) - done:
-            self.message_user(
-                request,
-                ngettext(
-                    "%(count)d run was not marked resolved: only open failed, dead or missed runs can be.",
-                    "%(count)d runs were not marked resolved: only open failed, dead or missed runs can be.",
-                    len(ids) - done,
-                )
-                % {"count": len(ids) - done},
-                messages.WARNING,
-            )
+        self._tell(
+            request,
+            ngettext("%(count)d run was marked resolved.", "%(count)d runs were marked resolved.", done),
+            done,
+            messages.SUCCESS,
+        )
+        self._tell(
+            request,
+            ngettext(
+                "%(count)d run was not marked resolved: only open failed, dead or missed runs can be.",
+                "%(count)d runs were not marked resolved: only open failed, dead or missed runs can be.",
+                len(ids) - done,
+            ),
+            len(ids) - done,
+            messages.WARNING,
+        )
         return self._done(request, ids)
 
     # ------------------------------------------------------------------ detail page and dashboard
