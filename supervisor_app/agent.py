@@ -12,7 +12,7 @@ import logging
 import os
 import threading
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from django.db import close_old_connections, connection
@@ -139,6 +139,20 @@ def _drop_broken_connection() -> None:
         connection.close()
 
 
+def effective_retry_policy(task: SupervisedTask, run_id: int, max_attempts: int) -> RetryPolicy:
+    """The task's retry policy, with the backoff of the run's schedule policy when it sets one.
+
+    Read only on the failure path (one indexed query), so successful runs pay nothing for it.
+    """
+    policy: RetryPolicy = task.retry_policy(max_attempts=max_attempts)
+    backoff, backoff_max = services.schedule_backoff(run_id)
+    if backoff is not None:
+        policy = replace(policy, backoff=backoff)
+    if backoff_max is not None:
+        policy = replace(policy, backoff_max=backoff_max)
+    return policy
+
+
 def execute(task: SupervisedTask, run_id: int, attempt: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """Run one delivered attempt: claim, body with lease kept, fenced finish."""
     from celery.exceptions import Ignore
@@ -171,7 +185,7 @@ def execute(task: SupervisedTask, run_id: int, attempt: int, args: tuple[Any, ..
             # its lease expires; the supervisor decides, from the database, what happens next.
             raise
         _drop_broken_connection()  # the body's error may be the database's: record it on a fresh connection
-        policy: RetryPolicy = task.retry_policy(max_attempts=won.max_attempts)
+        policy = effective_retry_policy(task, run_id, won.max_attempts)
         decision: FailureDecision = decide_failure(policy, attempt, exc)
         services.finish_failure(
             run_id, attempt, decision, f"{type(exc).__name__}: {exc}", traceback.format_exc(), worker

@@ -523,6 +523,20 @@ def heartbeat(run_id: int, attempt: int, progress: Any = None, checkpoint: Any =
     return LeaseState(True, bool(rows[0]["cancel_requested"]))
 
 
+def schedule_backoff(run_id: int) -> tuple[float | None, float | None]:
+    """Backoff and cap (seconds) set by the supervision policy of the run's schedule, if any."""
+    from .models import SupervisionPolicy
+
+    row = (
+        SupervisionPolicy.objects.filter(periodic_task__supervised_runs__pk=run_id)
+        .values_list("backoff", "backoff_max")
+        .first()
+    )
+    if row is None:
+        return None, None
+    return tuple(None if d is None else d.total_seconds() for d in row)  # type: ignore[return-value]
+
+
 def _finish_attempt(run_id: int, attempt: int, outcome: str, error: str = "", tb: str = "") -> None:
     RunAttempt.objects.filter(run_id=run_id, number=attempt).update(
         outcome=outcome, ended_at=Now(), error=error[:10000], traceback=tb[:50000]

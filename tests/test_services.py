@@ -292,3 +292,29 @@ def test_single_statement_agent_path_on_postgres(sent: list[Any], settings: Any)
     assert services.claim(run_id, 1, "w2") is None
     assert services.finish_success(run_id, 1, "w2") is False
     assert SupervisedRun.objects.get(pk=run_id).status == RunStatus.SUCCEEDED
+
+
+def test_a_schedule_policy_backoff_wins_over_the_task_default(sent: list[Any], fast_settings: Any) -> None:
+    from datetime import timedelta
+
+    from django_celery_beat.models import IntervalSchedule, PeriodicTask
+
+    from project.tasks import flaky
+    from supervisor_app.agent import effective_retry_policy
+    from supervisor_app.models import SupervisionPolicy
+
+    every = IntervalSchedule.objects.create(every=10, period=IntervalSchedule.SECONDS)
+    schedule = PeriodicTask.objects.create(name="p", task="project.tasks.flaky", interval=every)
+    policy = services.RunPolicy(max_attempts=3, lease_timeout=30, start_timeout=30, max_runtime=None)
+    scheduled = services.create_run("project.tasks.flaky", [], {}, policy, periodic_task_id=schedule.pk,
+                                    scheduled_for="2026-01-01T00:00:00Z")  # fmt: skip
+    adhoc = services.create_run("project.tasks.flaky", [], {}, policy)
+    assert scheduled is not None and adhoc is not None
+    # No policy row yet: the task's own backoff (flaky: 0.2 s, cap 1 s).
+    assert effective_retry_policy(flaky, scheduled.pk, 3).backoff == 0.2
+    SupervisionPolicy.objects.create(
+        periodic_task=schedule, backoff=timedelta(seconds=30), backoff_max=timedelta(minutes=5)
+    )
+    chosen = effective_retry_policy(flaky, scheduled.pk, 3)
+    assert (chosen.backoff, chosen.backoff_max) == (30.0, 300.0)
+    assert effective_retry_policy(flaky, adhoc.pk, 3).backoff == 0.2  # ad-hoc runs: the task's
