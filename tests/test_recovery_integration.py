@@ -53,15 +53,15 @@ def running_on(run_ids: list[int], prefix: str) -> list[int]:
     )
 
 
-def assert_recovered_within_bound(run_ids: list[int], killed_at: float) -> float:
-    """Every run's attempt 2 started within lease + sweep + margin of the kill; returns the worst."""
+def assert_recovered_within_bound(run_ids: list[int], killed_at: float, extra: float = 0.0) -> float:
+    """Every run's attempt 2 started within lease + sweep (+ extra) + margin of the kill; returns the worst."""
     worst = 0.0
     for run_id in run_ids:
         second = RunAttempt.objects.get(run_id=run_id, number=2)
         assert second.started_at is not None
         delay = second.started_at.timestamp() - killed_at
         worst = max(worst, delay)
-    assert worst <= LEASE + SWEEP + MARGIN, f"recovery took {worst:.2f}s"
+    assert worst <= LEASE + SWEEP + extra + MARGIN, f"recovery took {worst:.2f}s"
     return worst
 
 
@@ -122,7 +122,11 @@ def test_sigstop_past_the_lease_is_recovered_and_the_zombie_is_fenced(live: Live
     hung.signal_group(signal.SIGSTOP)
     try:
         wait_until(lambda: all_status([run_id], "succeeded"), 60, what="recovery on the healthy worker")
-        assert_recovered_within_bound([run_id], stopped_at)
+        # A hung worker keeps its broker connection, so RabbitMQ may hand attempt 2 to it (its
+        # prefetch slot is free while it runs the stopped attempt). Attempt 2 then sits unstarted
+        # until the start timeout (the lease timeout here) and is published again: one more
+        # start timeout and sweep in the worst case.
+        assert_recovered_within_bound([run_id], stopped_at, extra=LEASE + SWEEP)
     finally:
         hung.signal_group(signal.SIGCONT)
     # The zombie wakes up: its next heartbeat raises LeaseLost, it writes nothing and is fenced.
