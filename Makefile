@@ -9,7 +9,7 @@ TEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/supervisor_app
 TEST_BROKER_URL   ?= amqp://guest:guest@127.0.0.1:5672//
 TEST_REDIS_URL    ?= redis://127.0.0.1:6379/15
 
-.PHONY: demo test test-sqlite test-postgres lint bench chaos clean
+.PHONY: demo test test-sqlite test-postgres test-restarts lint bench chaos clean
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,12 +22,19 @@ demo: $(STAMP)
 	env -u DATABASE_URL -u CELERY_BROKER_URL DEMO_VAR_DIR=var/demo $(BIN)/python manage.py migrate -v0
 	env -u DATABASE_URL -u CELERY_BROKER_URL DEMO_VAR_DIR=var/demo $(BIN)/python manage.py demo --logs var/demo/logs
 
-## make test: lint, then the whole suite on PostgreSQL + RabbitMQ (+ Redis), then the portable part on SQLite.
-test: $(STAMP) lint test-postgres test-sqlite
+## make test: lint, then the whole suite on PostgreSQL + RabbitMQ (+ Redis), then the server restarts
+## and crashes on private servers of their own, then the portable part on SQLite.
+test: $(STAMP) lint test-postgres test-restarts test-sqlite
 
 test-postgres: $(STAMP)
 	DATABASE_URL=$(TEST_DATABASE_URL) CELERY_BROKER_URL=$(TEST_BROKER_URL) CELERY_TASK_DEFAULT_QUEUE=supervisor-test SUPERVISOR_TEST_REDIS_URL=$(TEST_REDIS_URL) \
 		$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# PostgreSQL, RabbitMQ and Redis started on other ports for these tests alone (tests/faults/servers.py):
+# restarting the machine's servers would cut every other client.
+test-restarts: $(STAMP)
+	CELERY_TASK_DEFAULT_QUEUE=supervisor-restarts $(BIN)/python -m tests.faults.servers -- \
+		$(BIN)/python -m pytest -m restarts $(PYTEST_ARGS)
 
 test-sqlite: $(STAMP)
 	env -u DATABASE_URL -u CELERY_BROKER_URL DEMO_VAR_DIR=var/test-sqlite \
@@ -45,13 +52,19 @@ clean:
 bench: $(STAMP)
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
-## make chaos: the fault suite's long form: hundreds of runs under random, seeded faults, once per seed
-## (CHAOS_SEEDS="1 2 3" by default; CHAOS_SEED=n for one). Uses its own database and queue.
+## make chaos: the fault suite's long form: hundreds of runs under random, seeded faults, once per seed,
+## on private servers it may restart and crash (tests/faults/servers.py). CHAOS_SEEDS run with RabbitMQ,
+## CHAOS_REDIS_SEEDS with Redis as the broker; CHAOS_SEED=n runs one seed (RabbitMQ); CHAOS_RUNS per seed.
 CHAOS_SEEDS ?= $(if $(CHAOS_SEED),$(CHAOS_SEED),11 23 37)
-CHAOS_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/supervisor_chaos
+CHAOS_REDIS_SEEDS ?= $(if $(CHAOS_SEED),,41)
 chaos: $(STAMP)
 	@for seed in $(CHAOS_SEEDS); do \
-		echo "== chaos seed $$seed"; \
-		CHAOS_SEED=$$seed DATABASE_URL=$(CHAOS_DATABASE_URL) CELERY_BROKER_URL=$(TEST_BROKER_URL) \
-		CELERY_TASK_DEFAULT_QUEUE=supervisor-chaos $(BIN)/python -m pytest tests/chaos.py -q $(PYTEST_ARGS) || exit 1; \
+		echo "== chaos seed $$seed, RabbitMQ"; \
+		CHAOS_SEED=$$seed CELERY_TASK_DEFAULT_QUEUE=supervisor-chaos $(BIN)/python -m tests.faults.servers -- \
+			$(BIN)/python -m pytest tests/chaos.py -q $(PYTEST_ARGS) || exit 1; \
+	done; \
+	for seed in $(CHAOS_REDIS_SEEDS); do \
+		echo "== chaos seed $$seed, Redis"; \
+		CHAOS_SEED=$$seed CELERY_TASK_DEFAULT_QUEUE=supervisor-chaos $(BIN)/python -m tests.faults.servers --broker redis -- \
+			$(BIN)/python -m pytest tests/chaos.py -q $(PYTEST_ARGS) || exit 1; \
 	done

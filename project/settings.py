@@ -93,7 +93,13 @@ LANGUAGE_CODE = "en-us"
 STATIC_URL = "static/"
 STATIC_ROOT = VAR_DIR / "static"
 
+
 # ---------------------------------------------------------------- Celery
+def _env_float(name: str, default: float | None) -> float | None:
+    value = os.environ.get(name)
+    return float(value) if value else default
+
+
 if os.environ.get("CELERY_BROKER_URL"):
     CELERY_BROKER_URL = os.environ["CELERY_BROKER_URL"]
     CELERY_BROKER_TRANSPORT_OPTIONS: dict[str, object] = {}
@@ -119,6 +125,11 @@ CELERY_TASK_DEFAULT_QUEUE = os.environ.get("CELERY_TASK_DEFAULT_QUEUE", "celery"
 # One message at a time per pool process: a hung worker then holds as few messages as possible.
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+# AMQP heartbeat (seconds). A hung worker (SIGSTOP, deadlock, a VM paused) stops answering it, so
+# RabbitMQ closes its connection after about this long: its consumer goes away with its prefetched
+# messages, which are requeued. Keep it below the lease timeout, so that the attempt the supervisor
+# publishes after the lease expires can't be handed to the hung worker (system check W007).
+CELERY_BROKER_HEARTBEAT = _env_float("CELERY_BROKER_HEARTBEAT", 20.0)
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 # Keep the worker's database connection between tasks (Celery's Django fixup closes it otherwise).
 CELERY_DB_REUSE_MAX = 1000
@@ -127,17 +138,13 @@ CELERY_BEAT_SCHEDULER = "supervisor_app.schedulers:SupervisedScheduler"
 
 
 # ---------------------------------------------------------------- supervisor_app
-def _env_float(name: str, default: float | None) -> float | None:
-    value = os.environ.get(name)
-    return float(value) if value else default
-
-
 SUPERVISOR_HEARTBEAT_INTERVAL = _env_float("SUPERVISOR_HEARTBEAT_INTERVAL", 10.0)
 SUPERVISOR_LEASE_TIMEOUT = _env_float("SUPERVISOR_LEASE_TIMEOUT", 60.0)
 SUPERVISOR_SWEEP_INTERVAL = _env_float("SUPERVISOR_SWEEP_INTERVAL", 5.0)
 SUPERVISOR_MAX_ATTEMPTS = int(os.environ.get("SUPERVISOR_MAX_ATTEMPTS", "3"))
 SUPERVISOR_BACKOFF = _env_float("SUPERVISOR_BACKOFF", 2.0)
 SUPERVISOR_START_TIMEOUT = _env_float("SUPERVISOR_START_TIMEOUT", None)
+SUPERVISOR_SWEEP_BATCH_SIZE = int(os.environ.get("SUPERVISOR_SWEEP_BATCH_SIZE", "500"))
 
 LOGGING = {
     "version": 1,

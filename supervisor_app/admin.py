@@ -502,7 +502,7 @@ class SupervisedRunAdmin(admin.ModelAdmin):
         )
         return self._done(request, ids)
 
-    @admin.action(permissions=["cancel"], description=_("Cancel (running runs stop at their next heartbeat)"))
+    @admin.action(permissions=["cancel"], description=_("Cancel (running runs are stopped by their workers)"))
     def cancel(self, request: HttpRequest, queryset: QuerySet[SupervisedRun]) -> HttpResponse | None:
         ids = self._ids(queryset)
         outcomes = [services.request_cancel(pk) for pk in ids]
@@ -518,8 +518,8 @@ class SupervisedRunAdmin(admin.ModelAdmin):
         self._tell(
             request,
             ngettext(
-                "Cancellation was requested for %(count)d running run: its worker stops it at the next heartbeat.",
-                "Cancellation was requested for %(count)d running runs: their workers stop them at the next heartbeat.",
+                "Cancellation was requested for %(count)d running run: its worker stops it in one renewal.",
+                "Cancellation was requested for %(count)d running runs: their workers stop them in one renewal.",
                 requested,
             ),
             requested,

@@ -70,4 +70,31 @@ def check_celery(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
         messages.append(
             Error("CELERY_ACCEPT_CONTENT allows pickle; supervisor_app requires JSON.", id="supervisor_app.E011")
         )
+    messages.extend(check_broker_heartbeat(getattr(settings, "CELERY_BROKER_URL", None) or "", settings))
     return messages
+
+
+def check_broker_heartbeat(broker_url: str, settings: Any) -> list[CheckMessage]:
+    """On RabbitMQ, a hung worker must lose its connection before its lease expires.
+
+    A hung worker (SIGSTOP, a deadlock in the main process, a paused VM) keeps its AMQP connection
+    and its free prefetch slots until the broker notices that heartbeats stopped. Measured: with
+    heartbeats off, the attempt the supervisor publishes after the lease landed in the hung worker's
+    free slot in every trial, and ran only after a second start timeout (twice the recovery bound).
+    """
+    if not broker_url.startswith(("amqp", "pyamqp")):
+        return []
+    # Celery's default for py-amqp is 120 s when the setting is absent.
+    heartbeat = getattr(settings, "CELERY_BROKER_HEARTBEAT", 120.0)
+    lease = supervisor_settings.lease_timeout
+    if not heartbeat or float(heartbeat) >= lease:
+        return [
+            Warning(
+                f"CELERY_BROKER_HEARTBEAT ({heartbeat!r}) is not below SUPERVISOR_LEASE_TIMEOUT ({lease}s): a hung "
+                "worker keeps its broker connection past its lease, and RabbitMQ can hand it the attempt the "
+                "supervisor publishes to recover the run, which then waits a start timeout more.",
+                hint=f"Set CELERY_BROKER_HEARTBEAT to at most a third of the lease timeout ({lease / 3:.0f}s).",
+                id="supervisor_app.W002",
+            )
+        ]
+    return []

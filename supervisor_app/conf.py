@@ -79,6 +79,13 @@ SETTINGS: dict[str, Setting] = {
             duration=True,
         ),
         Setting(
+            "CANCEL_GRACE",
+            None,
+            "Seconds a running run has to stop at a heartbeat after an operator cancels it; then the "
+            "supervisor marks it cancelled and revokes its worker process (None: the run's lease timeout).",
+            duration=True,
+        ),
+        Setting(
             "RETRYABLE_EXCEPTIONS",
             ["builtins.Exception"],
             "Dotted paths of exception classes that are retried (tasks may override).",
@@ -110,6 +117,14 @@ SETTINGS: dict[str, Setting] = {
             "(`synchronous_commit = off` for those statements only). A database crash can forget the "
             "last fraction of a second of them; each is then recovered like a lost worker. Dispatch "
             "always waits: a recorded run survives a crash.",
+        ),
+        Setting(
+            "INTERRUPT_BODIES",
+            True,
+            "When a worker's lease keeper learns that a running body lost its lease (timed out, taken "
+            "over) or that its run was cancelled, raise `LeaseLost` / `RunCancelled` in the body at once "
+            "(a signal to the pool process; prefork and solo pools), instead of waiting for the body's "
+            "next `heartbeat()`. Bodies must let these exceptions propagate.",
         ),
         Setting(
             "REQUIRE_BEAT",
@@ -269,6 +284,10 @@ class SupervisorSettings:
     @property
     def max_runtime(self) -> float | None:
         return _seconds("MAX_RUNTIME", self.raw("MAX_RUNTIME"))
+
+    @property
+    def cancel_grace(self) -> float | None:
+        return _seconds("CANCEL_GRACE", self.raw("CANCEL_GRACE"))
 
     @property
     def retry_backoff(self) -> float:

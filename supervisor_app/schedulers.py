@@ -8,17 +8,26 @@ due slot with ``INSERT … (periodic_task, slot)`` and only the beat whose inser
 Several beats can therefore run side by side for high availability, and a beat that restarts picks
 up after the last *recorded* slot and applies the schedule's catch-up policy. Other periodic tasks
 are scheduled exactly as by ``DatabaseScheduler``.
+
+Celery's ``Scheduler.tick`` sends one entry per call. Here a tick takes every supervised entry due
+now off the heap (up to ``batch_size``) and fires them together (``scheduling.fire_many``): the
+slots of thousands of schedules due at the same minute are recorded by a few multi-row inserts and
+published through one producer, instead of a transaction, a publish and an UPDATE each.
 """
 
 from __future__ import annotations
 
+import copy
+import heapq
 import logging
 import time
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
 from celery import schedules
-from django.db.models import Q
+from celery.beat import event_t
+from django.db.models import F, Q
 from django_celery_beat.models import PeriodicTask
 from django_celery_beat.schedulers import DatabaseScheduler, ModelEntry
 
@@ -67,12 +76,20 @@ class SupervisedEntry(ModelEntry):  # type: ignore[misc]
         self.upto = now
         self.model.last_run_at = now
         self.model.total_run_count += 1
-        self.successor = type(self)(self.model, app=self.app, definition=self.definition, cursor=now)
-        return self.successor
+        # A copy, not a new ModelEntry: that would parse the schedule and the arguments again, for
+        # every schedule at every fire. (copy.copy would call the constructor via __reduce__.)
+        successor = object.__new__(type(self))
+        successor.__dict__.update(self.__dict__)
+        successor.last_run_at, successor.total_run_count = now, self.model.total_run_count
+        successor.cursor, successor.upto, successor.successor = now, None, None
+        self.successor = successor
+        return successor
 
     def save(self) -> None:
-        # An UPDATE, not Model.save(): save() would bump date_changed (the anchor below which slots
-        # are not judged) and could signal a schedule change to every beat.
+        # Not called by SupervisedScheduler, which writes last_run_at and total_run_count of the
+        # schedules it fired in one statement per tick (``mark_fired``). An UPDATE, not Model.save():
+        # save() would bump date_changed (the anchor below which slots are not judged) and could
+        # signal a schedule change to every beat.
         PeriodicTask.objects.filter(pk=self.model.pk).update(
             last_run_at=self.model.last_run_at, total_run_count=self.model.total_run_count
         )
@@ -83,6 +100,11 @@ class SupervisedScheduler(DatabaseScheduler):  # type: ignore[misc]
 
     #: Seconds between two liveness records of this beat.
     liveness_interval = 5.0
+    #: At most this many due supervised entries are fired by one tick; the next tick (at once)
+    #: takes the rest, so plain entries and liveness records are not held up for long.
+    batch_size = 1000
+    old_schedulers: Any  # celery's Scheduler attributes that tick_supervised uses
+    _heap: list[Any] | None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         from .supervisor import process_name
@@ -140,10 +162,137 @@ class SupervisedScheduler(DatabaseScheduler):  # type: ignore[misc]
         return True
 
     def tick(self, *args: Any, **kwargs: Any) -> float:
-        delay: float = super().tick(*args, **kwargs)
+        delay = self.tick_supervised()
+        if delay is None:  # a plain entry is next, or nothing is due: the parent's one-entry step
+            delay = super().tick(*args, **kwargs)
         if time.monotonic() - self._liveness_at >= self.liveness_interval:
             self.record_liveness()
         return delay
+
+    def tick_supervised(self) -> float | None:
+        """Fire every supervised entry due now at the top of the heap, as one batch.
+
+        The heap semantics are the parent's: an entry due by its heap time but not by ``is_due`` is
+        pushed back at its new time, a fired entry's successor at its next slot. Returns 0 (tick
+        again at once) after any work, None when the top of the heap is a plain entry or not due.
+        """
+        if self._heap is None or not self.schedules_equal(self.old_schedulers, self.schedule):
+            self.old_schedulers = copy.copy(self.schedule)
+            self.populate_heap()
+        heap = self._heap
+        if heap is None:
+            return None
+        due: list[tuple[Any, SupervisedEntry, float]] = []
+        later = []
+        now: float | None = None
+        while heap and len(due) < self.batch_size:
+            event = heap[0]
+            entry = event[2]
+            if not isinstance(entry, SupervisedEntry):
+                break
+            if now is None:
+                now = self._when(entry, 0)
+            if event[0] > now:
+                break
+            heapq.heappop(heap)
+            try:
+                is_due, next_time_to_run = self.is_due(entry)
+            except Exception:
+                is_due, next_time_to_run = self._is_due_failed(entry)
+            if is_due:
+                due.append((event, entry, next_time_to_run))
+            else:
+                delay = next_time_to_run if isinstance(next_time_to_run, int | float) else self.max_interval
+                later.append(event_t(self._when(entry, delay), event[1], entry))
+        for event in later:
+            heapq.heappush(heap, event)
+        if not due:
+            return 0.0 if later else None
+        reserved, successors = [], []
+        for event, entry, next_time_to_run in due:
+            try:
+                successor = self.reserve(entry)
+            except Exception:  # as the parent would on the next tick: try again later
+                logger.exception("beat %s: schedule %r cannot advance", self.process_name, entry.name)
+                heapq.heappush(heap, event_t(self._when(entry, self.max_interval), event[1], entry))
+                continue
+            reserved.append(entry)
+            successors.append(event_t(self._when(successor, next_time_to_run), event[1], successor))
+        try:
+            self.fire(reserved)
+        finally:
+            for event in successors:  # every fired entry goes back on the heap as its successor
+                heapq.heappush(heap, event)
+        return 0.0
+
+    def reserve(self, entry: Any) -> Any:
+        if not isinstance(entry, SupervisedEntry):
+            return super().reserve(entry)
+        successor = next(entry)
+        # As Celery's own reserve() does (django-celery-beat's does not): the schedule holds the
+        # successor, so a heap rebuilt from it without a reload does not fire from an old cursor.
+        # Not marked dirty for sync(): ``fire`` records the fired schedules in one statement.
+        if self._schedule is not None and self._schedule.get(entry.name) is entry:
+            self._schedule[entry.name] = successor
+        return successor
+
+    def fire(self, entries: Sequence[SupervisedEntry]) -> None:
+        """Record (and publish) the due slots of reserved entries; a failed one keeps its slots."""
+        firings = [scheduling.Firing(e.definition, e.cursor, e.upto or utcnow()) for e in entries]
+        try:
+            results = scheduling.fire_many(firings)
+        except Exception as unexpected:  # fire_many reports failures per firing: a bug, fail them all
+            logger.exception("beat %s: could not fire %d schedules", self.process_name, len(entries))
+            results = [unexpected] * len(entries)
+        total = scheduling.RecordCounts()
+        fired: list[tuple[SupervisedEntry, scheduling.RecordCounts]] = []
+        failed: list[tuple[SupervisedEntry, Exception]] = []
+        for entry, result in zip(entries, results, strict=True):
+            if isinstance(result, Exception):
+                # Nothing (or not all) was recorded: do not move past these slots; the next fire
+                # retries them (and the supervisor judges them if the outage lasts).
+                if entry.successor is not None:
+                    entry.successor.cursor = entry.cursor
+                failed.append((entry, result))
+                continue
+            total.add(result)
+            fired.append((entry, result))
+            if result.held or result.missed or result.skipped or result.replaced:
+                logger.info("beat %s: %r %s", self.process_name, entry.name, result.as_dict())
+        if failed:
+            first, error = failed[0]
+            logger.error(
+                "beat %s: %d schedule(s) not fired, retried at their next fire; first: %r (%s: %s)",
+                self.process_name,
+                len(failed),
+                first.name,
+                type(error).__name__,
+                error,
+            )
+        for key, value in total.as_dict().items():
+            self._stats[key] = self._stats.get(key, 0) + value
+        if total.run or total.held or total.missed or total.skipped:
+            logger.info("beat %s: %d schedule(s) fired %s", self.process_name, len(entries), total.as_dict())
+        self.mark_fired(fired)
+
+    def mark_fired(self, fired: Sequence[tuple[SupervisedEntry, scheduling.RecordCounts]]) -> None:
+        """``last_run_at`` and ``total_run_count`` of the schedules whose runs this beat recorded: one
+        UPDATE per distinct count (usually one). The beat that lost a slot leaves it to the winner.
+
+        Informational (the admin's columns): the slot cursor comes from the runs table.
+        """
+        by_count: dict[int, list[int]] = {}
+        for entry, counts in fired:
+            if counts.run + counts.held:
+                by_count.setdefault(counts.run + counts.held, []).append(entry.model.pk)
+        now = utcnow()
+        try:
+            for count, pks in by_count.items():
+                PeriodicTask.objects.filter(pk__in=pks).update(
+                    last_run_at=now, total_run_count=F("total_run_count") + count
+                )
+        except Exception as exc:
+            logger.warning("beat could not record when its schedules ran (%s)", type(exc).__name__)
 
     def record_liveness(self) -> None:
         from .supervisor import record_liveness
@@ -158,18 +307,6 @@ class SupervisedScheduler(DatabaseScheduler):  # type: ignore[misc]
         if not isinstance(entry, SupervisedEntry):
             return super().apply_async(entry, producer=producer, advance=advance, **kwargs)
         if advance:
-            entry = self.reserve(entry)
-        upto = entry.upto or utcnow()
-        try:
-            counts = scheduling.fire(entry.definition, entry.cursor, upto)
-        except Exception:
-            # The database is unreachable: nothing was recorded, so do not move past these slots;
-            # the next fire retries them (and the supervisor judges them if the outage lasts).
-            if entry.successor is not None:
-                entry.successor.cursor = entry.cursor
-            raise
-        for key, value in counts.as_dict().items():
-            self._stats[key] = self._stats.get(key, 0) + value
-        if counts.run or counts.held or counts.missed or counts.skipped:
-            logger.info("beat %s: %r %s", self.process_name, entry.name, counts.as_dict())
+            self.reserve(entry)  # sets entry.upto (the end of this fire) and its successor
+        self.fire([entry])
         return None

@@ -325,11 +325,105 @@ def alert_missed(schedule: str, recipients: Sequence[str], runs: Sequence[Superv
 # --------------------------------------------------------------------------- beat side
 
 
+@dataclass(frozen=True)
+class Firing:
+    """One schedule fired by the beat: its unrecorded slots in ``(since, upto]`` are to be decided."""
+
+    defn: ScheduleDef
+    since: datetime
+    upto: datetime
+
+
 def fire(defn: ScheduleDef, since: datetime, now: datetime) -> RecordCounts:
     """The beat: decide and record every unrecorded slot in ``(since, now]``."""
+    [result] = fire_many([Firing(defn, since, now)])
+    if isinstance(result, Exception):
+        raise result
+    return result
+
+
+def fire_many(firings: Sequence[Firing]) -> list[RecordCounts | Exception]:
+    """The beat: decide and record the due slots of many schedules at once, one result per firing.
+
+    The on-time and caught-up slots of schedules that allow overlap (the default) need nothing but
+    their insert: they are recorded together by ``services.create_slot_runs`` (a multi-row insert
+    that skips slots recorded already, then one publish per new run, through one producer). A
+    schedule with an overlap policy must read its active runs before each slot, and a missed slot
+    carries an alert: those go one by one through :func:`record`, and only they pay for it.
+
+    A firing that fails (database down, arguments that are not JSON) comes back as its exception;
+    the others are recorded as usual.
+    """
     limit = int(supervisor_settings.SCHEDULE_MAX_SLOTS)
-    due = slots.slots_between(defn.rule, since, now, defn.bounds, limit=limit)
-    return record(defn, slots.plan(due, now, defn.policy))
+    results: list[RecordCounts | Exception] = [RecordCounts() for _ in firings]
+    batch: list[tuple[int, slots.Decision]] = []
+    one_by_one: list[tuple[int, list[slots.Decision]]] = []
+    for i, firing in enumerate(firings):
+        defn = firing.defn
+        try:
+            due = slots.slots_between(defn.rule, firing.since, firing.upto, defn.bounds, limit=limit)
+            decisions = slots.plan(due, firing.upto, defn.policy)
+            if defn.policy.overlap == "allow":
+                starts = [d for d in decisions if d.action != "miss"]
+                if starts:
+                    services.check_json(defn.task_name, defn.args, defn.kwargs)
+                    batch += [(i, d) for d in starts]
+                decisions = [d for d in decisions if d.action == "miss"]
+            if decisions:
+                one_by_one.append((i, decisions))
+        except Exception as exc:
+            results[i] = exc
+    if batch:
+        _record_batch(firings, batch, results)
+    for i, decisions in one_by_one:
+        counts = results[i]
+        if isinstance(counts, Exception):
+            continue
+        try:
+            counts.add(record(firings[i].defn, decisions))
+        except Exception as exc:
+            results[i] = exc
+    return results
+
+
+def _record_batch(
+    firings: Sequence[Firing], batch: Sequence[tuple[int, slots.Decision]], results: list[RecordCounts | Exception]
+) -> None:
+    wanted = []
+    for i, decision in batch:
+        defn = firings[i].defn
+        wanted.append(
+            services.SlotRun(
+                periodic_task_id=defn.pk,
+                scheduled_for=decision.slot,
+                task_name=defn.task_name,
+                args=defn.args,
+                kwargs=defn.kwargs,
+                policy=defn.run_policy,
+                options=defn.options,
+            )
+        )
+    try:
+        created = services.create_slot_runs(wanted)
+    except Exception as exc:
+        # Whatever a committed part of the batch recorded stays recorded (and published); the next
+        # fire of these schedules finds those slots taken and records the others.
+        for i, _ in batch:
+            results[i] = exc
+        return
+    recorded = {(s.periodic_task_id, s.scheduled_for) for _, s in created}
+    for i, decision in batch:
+        counts = results[i]
+        if isinstance(counts, Exception):
+            continue
+        defn = firings[i].defn
+        if (defn.pk, decision.slot) not in recorded:
+            counts.lost_race += 1
+            continue
+        counts.run += 1
+        if decision.action == "catch_up":
+            counts.caught_up += 1
+            logger.warning("schedule %r: slot %s was late and is caught up now", defn.name, decision.slot.isoformat())
 
 
 # --------------------------------------------------------------------------- supervisor side

@@ -14,16 +14,17 @@ import operator
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from functools import reduce
-from typing import Any
+from typing import Any, cast
 
 from django.core.exceptions import EmptyResultSet
 from django.db import IntegrityError, connections, router, transaction
-from django.db.models import Case, DateTimeField, DurationField, ExpressionWrapper, F, Q, Value, When
+from django.db.models import Case, DateTimeField, DurationField, ExpressionWrapper, F, Model, Q, Value, When
 from django.db.models.expressions import Combinable
 from django.db.models.functions import Now
-from django.db.models.sql import UpdateQuery
+from django.db.models.sql import InsertQuery, UpdateQuery
+from django.utils import timezone
 
 from . import signals
 from .models import RunAttempt, SupervisedRun
@@ -131,12 +132,15 @@ def create_run(
     periodic_task_id: int | None = None,
     scheduled_for: Any = None,
     status: str = RunStatus.QUEUED,
+    publish: bool = True,
 ) -> SupervisedRun | None:
     """Record a run and, after commit, publish its first attempt.
 
     For a schedule slot, returns None when the slot is already recorded (another beat won), in which
     case nothing is published. With ``countdown`` the run waits, recorded, and the supervisor
-    publishes it when due (no ETA held in a worker's memory).
+    publishes it when due (no ETA held in a worker's memory). ``publish=False``: the first attempt's
+    message exists already (a worker adopting a message that carried no run); the supervisor
+    publishes it again only if it is not started within the start timeout.
     """
     args = list(args or [])
     kwargs = dict(kwargs or {})
@@ -172,7 +176,7 @@ def create_run(
     # The id is known only after the insert; a second short write is avoided by deriving the first
     # attempt's task id from it lazily: attempt 1 uses "<id>.1".
     run.task_id = f"{run.pk}.1"
-    if status == RunStatus.QUEUED and not delay:
+    if status == RunStatus.QUEUED and not delay and publish:
         # Published from what we just wrote: no read-back, so a dispatch stays one statement.
         message = (run.pk, 1, task_name, args, kwargs, kept, run.task_id)
 
@@ -184,11 +188,160 @@ def create_run(
     return run
 
 
+@dataclass(frozen=True)
+class SlotRun:
+    """One schedule slot to record as a queued run by :func:`create_slot_runs`."""
+
+    periodic_task_id: int
+    scheduled_for: datetime
+    task_name: str
+    args: list[Any]
+    kwargs: dict[str, Any]
+    policy: RunPolicy
+    options: Mapping[str, Any]
+
+
+def create_slot_runs(wanted: Sequence[SlotRun], batch_size: int = 500) -> list[tuple[int, SlotRun]]:
+    """Record many schedule slots as queued runs and, after commit, publish the new ones.
+
+    One ``INSERT … ON CONFLICT (periodic_task, scheduled_for) DO NOTHING RETURNING`` per batch: a slot
+    recorded already (by another beat, the supervisor, an earlier fire) is skipped by its unique
+    constraint, and only the rows this call inserted come back, as ``(run id, slot)``, and are
+    published, through one producer per batch. Rows go in ``(periodic task, slot)`` order, so two
+    beats inserting overlapping batches wait for each other but never deadlock. The values are
+    :func:`create_run`'s for a queued slot; the caller has checked the arguments (``check_json``).
+    A backend without ``ON CONFLICT … RETURNING`` gets :func:`create_run` per slot.
+    """
+    using = router.db_for_write(SupervisedRun)
+    conn = connections[using]
+    if not (conn.features.supports_update_conflicts_with_target and conn.features.can_return_rows_from_bulk_insert):
+        created = []
+        for slot in wanted:
+            run = create_run(
+                slot.task_name,
+                slot.args,
+                slot.kwargs,
+                slot.policy,
+                options=slot.options,
+                periodic_task_id=slot.periodic_task_id,
+                scheduled_for=slot.scheduled_for,
+            )
+            if run is not None:
+                created.append((run.pk, slot))
+        return created
+    meta = SupervisedRun._meta
+    fields = [f for f in meta.local_concrete_fields if f is not meta.pk]
+    ordered = sorted(wanted, key=lambda s: (s.periodic_task_id, s.scheduled_for))
+    size = max(1, min(batch_size, conn.ops.bulk_batch_size(fields, ordered)))
+    created = []
+    for start in range(0, len(ordered), size):
+        with transaction.atomic(using=using):
+            inserted = _insert_slots(ordered[start : start + size], fields, using)
+            messages = [
+                (pk, 1, s.task_name, s.args, s.kwargs, _kept(s.options), first_task_id(pk)) for pk, s in inserted
+            ]
+            if messages:
+                transaction.on_commit(lambda m=messages: _publish_batch(m), using=using)  # type: ignore[misc]
+        created += inserted
+    return created
+
+
+def _kept(options: Mapping[str, Any] | None) -> dict[str, Any]:
+    return {k: v for k, v in (options or {}).items() if k in KEPT_OPTIONS and v is not None}
+
+
+def _slot_values(s: SlotRun) -> dict[str, Any]:
+    """The fields of a queued slot run that differ from the model's defaults (as in create_run)."""
+    return dict(
+        task_name=s.task_name,
+        args=list(s.args),
+        kwargs=dict(s.kwargs),
+        options=_kept(s.options),
+        status=RunStatus.QUEUED,
+        max_attempts=s.policy.max_attempts,
+        lease_timeout=timedelta(seconds=s.policy.lease_timeout),
+        start_timeout=timedelta(seconds=s.policy.start_timeout),
+        max_runtime=_seconds(s.policy.max_runtime),
+        periodic_task_id=s.periodic_task_id,
+        scheduled_for=s.scheduled_for,
+        publish_count=1,  # optimistic, as in create_run: a failed publish resets it
+    )
+
+
+def _insert_slots(chunk: Sequence[SlotRun], fields: list[Any], using: str) -> list[tuple[int, SlotRun]]:
+    conn = connections[using]
+    qn = conn.ops.quote_name
+    rows = [_slot_values(s) for s in chunk]
+    if conn.vendor == "postgresql":
+        sql, params = _unnest_insert(rows, fields, conn)
+    else:
+        # now() + start_timeout, on the database's clock, as create_run does.
+        objs: list[Model] = [SupervisedRun(**row, next_check_at=_after(row["start_timeout"])) for row in rows]
+        query = InsertQuery(SupervisedRun)
+        query.insert_values(fields, objs)
+        [(sql, params)] = query.get_compiler(using=using).as_sql()
+    task, slot = qn("periodic_task_id"), qn("scheduled_for")
+    # The target and condition of the supervisor_run_unique_slot constraint: no other conflict is hidden.
+    sql += f" ON CONFLICT ({task}, {slot}) WHERE {task} IS NOT NULL DO NOTHING RETURNING {qn('id')}, {task}, {slot}"
+    with conn.cursor() as cursor:
+        cursor.execute(sql, params)
+        returned = cursor.fetchall()
+    col = cast(DateTimeField, SupervisedRun._meta.get_field("scheduled_for")).get_col(SupervisedRun._meta.db_table)
+    converters = [*conn.ops.get_db_converters(col), *col.get_db_converters(conn)]
+    by_key = {(s.periodic_task_id, s.scheduled_for): s for s in chunk}
+    inserted = []
+    for pk, task_id, raw in returned:
+        for converter in converters:
+            raw = converter(raw, col, conn)
+        inserted.append((pk, by_key[(task_id, raw)]))
+    return inserted
+
+
+def _unnest_insert(rows: Sequence[Mapping[str, Any]], fields: list[Any], conn: Any) -> tuple[str, list[Any]]:
+    """PostgreSQL: ``INSERT … SELECT … FROM unnest(<one array per column>)``.
+
+    About twenty parameters whatever the number of rows, and no model instance per row: building a
+    500-row VALUES list costs far more than inserting it. Every column of the model is written, each
+    value prepared by its field as the ORM's insert does (defaults and ``auto_now_add`` included);
+    ``next_check_at`` is ``now() + start_timeout`` on the database's clock, as in create_run.
+    """
+    qn = conn.ops.quote_name
+    now = timezone.now()
+    columns, selected, arrays = [], [], []
+    for field in fields:
+        column = qn(field.column)
+        columns.append(column)
+        if field.name == "next_check_at":
+            selected.append(f"STATEMENT_TIMESTAMP() + u.{qn('start_timeout')}")
+            continue
+        if field.attname in rows[0]:
+            values = [field.get_db_prep_save(row[field.attname], conn) for row in rows]
+        else:
+            default = now if getattr(field, "auto_now_add", False) else field.get_default()
+            values = [field.get_db_prep_save(default, conn)] * len(rows)
+        arrays.append((column, f"%s::{field.db_type(conn)}[]", values))
+        selected.append(f"u.{column}")
+    sql = (
+        f"INSERT INTO {qn(SupervisedRun._meta.db_table)} ({', '.join(columns)}) SELECT {', '.join(selected)}"
+        f" FROM unnest({', '.join(cast_ for _, cast_, _ in arrays)}) AS u({', '.join(c for c, _, _ in arrays)})"
+    )
+    return sql, [values for _, _, values in arrays]
+
+
+def _publish_batch(messages: Sequence[Message]) -> None:
+    with Publisher() as publisher:
+        publisher.publish_many(messages)
+
+
 def first_task_id(run_id: int) -> str:
     return f"{run_id}.1"
 
 
 # --------------------------------------------------------------------------- publishing
+
+
+#: What :meth:`Publisher.publish` takes: run id, attempt, task name, args, kwargs, options, task id.
+Message = tuple[int, int, str, Any, Any, Any, str]
 
 
 class Publisher:
@@ -251,6 +404,24 @@ class Publisher:
             next_check_at=Now(), publish_count=0
         )
         return False
+
+    def publish_many(self, messages: Iterable[Message]) -> int:
+        """Publish each message; once the broker failed, the rest stay queued, marked in one UPDATE per
+        attempt number (not one per run). Returns how many were sent."""
+        sent = 0
+        unsent: dict[int, list[int]] = {}
+        for message in messages:
+            if self.broken:
+                unsent.setdefault(message[1], []).append(message[0])
+            elif self.publish(*message):
+                sent += 1
+        for attempt, ids in unsent.items():
+            self.failed += len(ids)
+            for start in range(0, len(ids), 500):
+                SupervisedRun.objects.filter(
+                    pk__in=ids[start : start + 500], attempt=attempt, status=RunStatus.QUEUED
+                ).update(next_check_at=Now(), publish_count=0)
+        return sent
 
 
 #: One quick reconnect (a connection that died since its last use, a broker restart), no waiting:
@@ -537,6 +708,11 @@ def schedule_backoff(run_id: int) -> tuple[float | None, float | None]:
     return tuple(None if d is None else d.total_seconds() for d in row)  # type: ignore[return-value]
 
 
+def _ended(status: str) -> dict[str, Any]:
+    """A run's values as it reaches a final status: finished now, no lease or deadline to watch."""
+    return dict(status=status, finished_at=Now(), lease_expires_at=None, deadline_at=None)
+
+
 def _finish_attempt(run_id: int, attempt: int, outcome: str, error: str = "", tb: str = "") -> None:
     RunAttempt.objects.filter(run_id=run_id, number=attempt).update(
         outcome=outcome, ended_at=Now(), error=error[:10000], traceback=tb[:50000]
@@ -544,11 +720,11 @@ def _finish_attempt(run_id: int, attempt: int, outcome: str, error: str = "", tb
 
 
 def _fenced(run_id: int, attempt: int, worker: str, what: str) -> None:
-    """Record that a zombie's write was refused (only over a lost/timed-out outcome)."""
+    """Record that a zombie's write was refused (over a lost outcome; a timed-out one stays so)."""
     RunAttempt.objects.filter(
         run_id=run_id,
         number=attempt,
-        outcome__in=[AttemptOutcome.LOST, AttemptOutcome.TIMED_OUT, AttemptOutcome.RUNNING],
+        outcome__in=[AttemptOutcome.LOST, AttemptOutcome.RUNNING],
     ).update(outcome=AttemptOutcome.FENCED, error=f"{what} refused: the lease was lost ({worker})")
     logger.warning("run %s attempt %s lost its lease; %s refused", run_id, attempt, what)
     _send_on_commit(signals.run_fenced, run_id, attempt=attempt, worker=worker)
@@ -569,11 +745,7 @@ def finish_success(run_id: int, attempt: int, worker: str = "") -> bool:
         return False
     with transaction.atomic():
         n = SupervisedRun.objects.filter(pk=run_id, attempt=attempt, status=RunStatus.RUNNING).update(
-            status=RunStatus.SUCCEEDED,
-            finished_at=Now(),
-            lease_expires_at=None,
-            deadline_at=None,
-            last_error="",
+            **_ended(RunStatus.SUCCEEDED), last_error=""
         )
         if not n:
             _fenced(run_id, attempt, worker, "completion")
@@ -612,7 +784,7 @@ def finish_cancelled(run_id: int, attempt: int, worker: str = "") -> bool:
     with transaction.atomic():
         n = SupervisedRun.objects.filter(
             pk=run_id, attempt=attempt, status=RunStatus.RUNNING, cancel_requested=True
-        ).update(status=RunStatus.CANCELLED, finished_at=Now(), lease_expires_at=None, deadline_at=None)
+        ).update(**_ended(RunStatus.CANCELLED))
         if not n:
             return False
         _finish_attempt(run_id, attempt, AttemptOutcome.CANCELLED, "cancelled by an operator")
@@ -629,17 +801,23 @@ def record_fenced(run_id: int, attempt: int, worker: str = "") -> None:
 # --------------------------------------------------------------------------- supervisor side
 
 
+#: A run queued for a new attempt: the previous agent's traces cleared, the publish counted.
+_REQUEUED = dict(
+    status=RunStatus.QUEUED,
+    worker="",
+    started_at=None,
+    heartbeat_at=None,
+    lease_expires_at=None,
+    deadline_at=None,
+    publish_count=1,
+)
+
+
 def _requeue_values(run: SupervisedRun, next_attempt: int) -> dict[str, Any]:
     return dict(
-        status=RunStatus.QUEUED,
+        _REQUEUED,
         attempt=next_attempt,
         task_id=new_task_id(run.pk, next_attempt),
-        worker="",
-        started_at=None,
-        heartbeat_at=None,
-        lease_expires_at=None,
-        deadline_at=None,
-        publish_count=1,
         next_check_at=_after(run.start_timeout),
     )
 
@@ -666,21 +844,20 @@ def _requeue_or_bury(
         _publish_on_commit(run, run.attempt + 1, values["task_id"], publisher)
         on_requeue()
         return RunStatus.QUEUED
-    if not qs.update(
-        status=RunStatus.DEAD, last_error=error, finished_at=Now(), lease_expires_at=None, deadline_at=None
-    ):
+    if not qs.update(**_ended(RunStatus.DEAD), last_error=error):
         return None
     _finish_attempt(run.pk, run.attempt, outcome, error)
     _send_on_commit(signals.run_dead, run.pk, attempt=run.attempt, reason=outcome)
     return RunStatus.DEAD
 
 
-def recover_lost_batch(runs: Sequence[SupervisedRun], publisher: Publisher) -> tuple[list[int], list[int]]:
+def recover_lost_batch(runs: Sequence[SupervisedRun], publisher: Publisher) -> tuple[list[int], list[int], list[int]]:
     """:func:`recover_lost` for a locked batch, in a constant number of statements.
 
     A mass failure (a host with hundreds of runs dies) then costs a handful of statements per batch
     instead of three per run: one conditional UPDATE per outcome, one INSERT of the new attempts'
-    rows, one UPDATE of the lost attempts' rows. Returns (re-queued run ids, dead run ids).
+    rows, one UPDATE of the lost attempts' rows. Returns the ids of the runs re-queued, dead, and
+    cancelled (an operator had cancelled them: no new attempt).
     """
     from django.db.models import CharField
     from django.db.models.functions import Cast, Concat
@@ -695,11 +872,18 @@ def recover_lost_batch(runs: Sequence[SupervisedRun], publisher: Publisher) -> t
         output_field=CharField(),
     )
     stale = SupervisedRun.objects.filter(status=RunStatus.RUNNING, lease_expires_at__lt=Now())
+    # An operator cancelled it and its agent died: it ends cancelled; no new attempt for it.
+    cancelled = update_returning(
+        stale.filter(pk__in=[r.pk for r in runs], cancel_requested=True),
+        ["id", "attempt"],
+        **_ended(RunStatus.CANCELLED),
+    )
+    stale = stale.filter(cancel_requested=False)
     token = uuid.uuid4().hex[:12]
     queued = update_returning(
         stale.filter(pk__in=[r.pk for r in runs if r.attempt < r.max_attempts]),
         ["id", "attempt", "task_id"],
-        status=RunStatus.QUEUED,
+        **_REQUEUED,
         attempt=F("attempt") + 1,
         task_id=Concat(
             Cast("id", CharField()),
@@ -709,30 +893,22 @@ def recover_lost_batch(runs: Sequence[SupervisedRun], publisher: Publisher) -> t
             output_field=CharField(),
         ),
         last_error=error,
-        worker="",
-        started_at=None,
-        heartbeat_at=None,
-        lease_expires_at=None,
-        deadline_at=None,
-        publish_count=1,
         next_check_at=_after(F("start_timeout")),
     )
     dead = update_returning(
         stale.filter(pk__in=[r.pk for r in runs if r.attempt >= r.max_attempts]),
         ["id"],
-        status=RunStatus.DEAD,
+        **_ended(RunStatus.DEAD),
         last_error=error,
-        finished_at=Now(),
-        lease_expires_at=None,
-        deadline_at=None,
     )
     queued_ids = [row["id"] for row in queued]
     dead_ids = [row["id"] for row in dead]
-    if queued_ids or dead_ids:
+    cancelled_ids = [row["id"] for row in cancelled]
+    if queued_ids or dead_ids or cancelled_ids:
         # The attempt that was running is the only attempt row of its run still marked running.
-        RunAttempt.objects.filter(run_id__in=queued_ids + dead_ids, outcome=AttemptOutcome.RUNNING).update(
-            outcome=AttemptOutcome.LOST, ended_at=Now(), error="lease expired"
-        )
+        RunAttempt.objects.filter(
+            run_id__in=queued_ids + dead_ids + cancelled_ids, outcome=AttemptOutcome.RUNNING
+        ).update(outcome=AttemptOutcome.LOST, ended_at=Now(), error="lease expired")
     # The unique (run, number) constraint backs the conditional update: a second supervisor that
     # somehow passed it would fail here and roll its whole batch back.
     RunAttempt.objects.bulk_create(
@@ -745,11 +921,17 @@ def recover_lost_batch(runs: Sequence[SupervisedRun], publisher: Publisher) -> t
         signals.run_dead,
         {run_id: {"attempt": by_id[run_id].attempt, "reason": AttemptOutcome.LOST} for run_id in dead_ids},
     )
-    return queued_ids, dead_ids
+    _send_many_on_commit(signals.run_cancelled, {row["id"]: {"attempt": row["attempt"]} for row in cancelled})
+    return queued_ids, dead_ids, cancelled_ids
 
 
 def time_out(run: SupervisedRun, publisher: Publisher) -> str | None:
-    """Past max runtime: revoke the attempt (after commit) and start a new one or bury the run."""
+    """Past max runtime: revoke the attempt (after commit) and start a new one or bury the run.
+
+    A run an operator cancelled is past its cancel grace instead: it ends ``cancelled``.
+    """
+    if run.cancel_requested:
+        return _force_cancel(run)
     old_task_id = run.task_id
     timed_out = run.attempt
     status = _requeue_or_bury(
@@ -765,6 +947,25 @@ def time_out(run: SupervisedRun, publisher: Publisher) -> str | None:
     return status
 
 
+def _force_cancel(run: SupervisedRun) -> str | None:
+    """A cancelled run whose body did not stop within the grace period: end it, revoke the attempt.
+
+    The attempt is fenced like any other: if its body still finishes, its write is refused.
+    """
+    if not SupervisedRun.objects.filter(
+        pk=run.pk, attempt=run.attempt, status=RunStatus.RUNNING, cancel_requested=True
+    ).update(**_ended(RunStatus.CANCELLED)):
+        return None
+    _finish_attempt(
+        run.pk, run.attempt, AttemptOutcome.CANCELLED, "cancelled by an operator; not stopped within the grace period"
+    )
+    _send_on_commit(signals.run_cancelled, run.pk, attempt=run.attempt)
+    if run.task_id:
+        task_id = run.task_id
+        transaction.on_commit(lambda: _revoke(task_id))
+    return RunStatus.CANCELLED
+
+
 def _revoke(task_id: str) -> None:
     from celery import current_app
 
@@ -775,7 +976,13 @@ def _revoke(task_id: str) -> None:
 
 
 def dispatch_retry(run: SupervisedRun, publisher: Publisher) -> bool:
-    """A retry's backoff is over: queue the next attempt."""
+    """A retry's backoff is over: queue the next attempt (or end the run, if an operator cancelled it)."""
+    if run.cancel_requested:
+        if SupervisedRun.objects.filter(pk=run.pk, attempt=run.attempt, status=RunStatus.RETRYING).update(
+            status=RunStatus.CANCELLED, finished_at=Now(), next_check_at=None
+        ):
+            _send_on_commit(signals.run_cancelled, run.pk, attempt=None)
+        return False
     values = _requeue_values(run, run.attempt + 1)
     if not SupervisedRun.objects.filter(
         pk=run.pk, attempt=run.attempt, status=RunStatus.RETRYING, next_check_at__lte=Now()
@@ -813,7 +1020,17 @@ def request_cancel(run_id: int) -> str | None:
             )
             _send_on_commit(signals.run_cancelled, run_id, attempt=None)
             return RunStatus.CANCELLED
-        if SupervisedRun.objects.filter(pk=run_id, status=RunStatus.RUNNING).update(cancel_requested=True):
+        # Running: the body stops at its next heartbeat; if it doesn't within the grace period, the
+        # deadline below makes the supervisor cancel the run and revoke the attempt (time_out).
+        from django.db.models.functions import Coalesce, Least
+
+        from .conf import supervisor_settings
+
+        grace = supervisor_settings.cancel_grace
+        by = _after(timedelta(seconds=grace)) if grace is not None else _after(F("lease_timeout"))
+        if SupervisedRun.objects.filter(pk=run_id, status=RunStatus.RUNNING).update(
+            cancel_requested=True, deadline_at=Least(Coalesce(F("deadline_at"), by), by)
+        ):
             return RunStatus.RUNNING
     return None
 

@@ -38,6 +38,8 @@ class SweepReport:
     dead: int = 0
     retried: int = 0
     republished: int = 0
+    #: Cancelled runs that did not stop within the grace period (or whose agent died).
+    cancelled: int = 0
     published: int = 0
     publish_failures: int = 0
     batches: int = 0
@@ -54,16 +56,17 @@ class SweepReport:
 
     @property
     def acted(self) -> int:
-        return self.recovered + self.timed_out + self.dead + self.retried + self.republished
+        return self.recovered + self.timed_out + self.dead + self.retried + self.republished + self.cancelled
 
 
 Handler = Callable[[list[SupervisedRun], services.Publisher, SweepReport], None]
 
 
 def _lost(batch: list[SupervisedRun], publisher: services.Publisher, report: SweepReport) -> None:
-    queued, dead = services.recover_lost_batch(batch, publisher)
+    queued, dead, cancelled = services.recover_lost_batch(batch, publisher)
     report.recovered += len(queued)
     report.dead += len(dead)
+    report.cancelled += len(cancelled)
     acted = set(queued) | set(dead)
     for run in batch:
         lag = getattr(run, "lag", None)
@@ -78,6 +81,8 @@ def _overdue(batch: list[SupervisedRun], publisher: services.Publisher, report: 
             report.timed_out += 1
         elif status == RunStatus.DEAD:
             report.dead += 1
+        elif status == RunStatus.CANCELLED:
+            report.cancelled += 1
 
 
 def _retry(batch: list[SupervisedRun], publisher: services.Publisher, report: SweepReport) -> None:
@@ -197,15 +202,29 @@ def loop(stop: threading.Event, interval: float | None = None, name: str | None 
 
     name = name or process_name()
     sweeps = 0
+    failures = 0
+    failing_since = 0.0
     while not stop.is_set():
         began = time.monotonic()
         try:
             run_sweep(name)
             sweeps += 1
-        except Exception:
+            if failures:
+                logger.warning(
+                    "sweeping again after %d failed sweeps (%.1fs)", failures, time.monotonic() - failing_since
+                )
+                failures = 0
+        except Exception as exc:
             # A database restart or a network cut: log, drop the broken connection and try again at
-            # the next interval. The sweep holds no state between passes, so nothing is lost.
-            logger.exception("sweep failed; retrying at the next interval")
+            # the next interval. The sweep holds no state between passes, so nothing is lost. The
+            # traceback once per outage; then one line per failure, not a traceback every interval.
+            if not failures:
+                failing_since = began
+                logger.exception("sweep failed; retrying at the next interval")
+            else:
+                first_line = (str(exc).strip().splitlines() or [""])[0]
+                logger.error("sweep failed again (%s: %s)", type(exc).__name__, first_line)
+            failures += 1
             close_old_connections()
             from django.db import connection
 

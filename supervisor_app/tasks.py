@@ -124,12 +124,18 @@ class SupervisedTask(Task):  # type: ignore[misc]
         request = self.request
         run_id = getattr(request, services.HEADER_RUN, None)
         attempt = getattr(request, services.HEADER_ATTEMPT, None)
-        if request.called_directly or (run_id is None and attempt is None):
-            # Called as a function, eagerly, or from a plain message that carries no run (a producer
-            # that bypassed apply_async, a non-supervising beat): executed once, unsupervised.
-            if not request.called_directly and not request.is_eager:
-                logger.warning("%s: message %s carries no run; executed unsupervised", self.name, request.id)
-            return self.run(*args, **kwargs)
+        if request.called_directly or request.is_eager:
+            return self.run(*args, **kwargs)  # called as a function or eagerly: nothing to supervise
+        if run_id is None and attempt is None:
+            # A plain message with no run: a producer that bypassed apply_async (send_task from
+            # another service, a non-supervising beat). Adopt it: record a run for it here and
+            # execute that run's attempt 1, so a crash from now on is recovered like any other.
+            adopted = self._adopt(args, kwargs)
+            if adopted is None:
+                return self.run(*args, **kwargs)
+            run_id, attempt = adopted, 1
+            setattr(request, services.HEADER_RUN, run_id)  # self.run_id, effect() and heartbeat() see it
+            setattr(request, services.HEADER_ATTEMPT, attempt)
         try:
             run, number = int(str(run_id)), int(str(attempt))
         except (TypeError, ValueError):
@@ -143,6 +149,31 @@ class SupervisedTask(Task):  # type: ignore[misc]
 
             raise Ignore()
         return agent.execute(self, run, number, args, kwargs)
+
+    def _adopt(self, args: Any, kwargs: Any) -> int | None:
+        """Record a run for a message that carries none; None if it can't be recorded."""
+        from django.db import DatabaseError
+
+        try:
+            run = services.create_run(self.name, args, kwargs, self.run_policy(), publish=False)
+        except (DatabaseError, TypeError, ValueError) as exc:
+            # Nothing can be recorded (database down, arguments not JSON): run it as plain Celery
+            # would, once and unsupervised, and say so.
+            logger.warning(
+                "%s: message %s carries no run and none could be recorded (%s); executed unsupervised",
+                self.name,
+                self.request.id,
+                type(exc).__name__,
+            )
+            return None
+        assert run is not None  # only schedule slots can be refused
+        logger.warning(
+            "%s: message %s carried no run; adopted as run %s (sent without apply_async?)",
+            self.name,
+            self.request.id,
+            run.pk,
+        )
+        return int(run.pk)
 
     @property
     def checkpoint(self) -> Any:

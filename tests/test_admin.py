@@ -237,7 +237,7 @@ def test_cancel_is_immediate_for_queued_and_cooperative_for_running(admin_client
     assert done.status == RunStatus.SUCCEEDED
     assert messages_of(response) == [
         "1 run was cancelled.",
-        "Cancellation was requested for 1 running run: its worker stops it at the next heartbeat.",
+        "Cancellation was requested for 1 running run: its worker stops it in one renewal.",
         "1 run was not cancelled: it has already finished.",
     ]
 

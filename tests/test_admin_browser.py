@@ -249,7 +249,7 @@ def test_operator_retries_and_cancels_runs_and_reads_the_dashboard(page: Any, se
     page.goto(f"/admin/supervisor_app/supervisedrun/{running.pk}/change/")
     page.click("#sv-action-cancel")
     page.wait_for_selector(".messagelist")
-    assert "stops it at the next heartbeat" in page.inner_text(".messagelist")
+    assert "stops it in one renewal" in page.inner_text(".messagelist")
     running.refresh_from_db()
     assert running.cancel_requested and running.status == RunStatus.RUNNING
 

@@ -69,6 +69,23 @@ def test_pickle_is_refused(settings: Any) -> None:
     assert ids(check_celery()) == ["supervisor_app.E010", "supervisor_app.E011"]
 
 
+@pytest.mark.parametrize(
+    ("heartbeat", "warned"), [(None, True), (0, True), (60.0, True), (20.0, False), ("absent", True)]
+)
+def test_a_broker_heartbeat_not_below_the_lease_is_warned_about_on_rabbitmq(
+    settings: Any, heartbeat: Any, warned: bool
+) -> None:
+    settings.SUPERVISOR_LEASE_TIMEOUT = 60.0
+    settings.CELERY_BROKER_URL = "amqp://guest:guest@127.0.0.1:5672//"
+    if heartbeat == "absent":
+        del settings.CELERY_BROKER_HEARTBEAT  # Celery's default, 120 s
+    else:
+        settings.CELERY_BROKER_HEARTBEAT = heartbeat
+    assert ("supervisor_app.W002" in ids(check_celery())) is warned
+    settings.CELERY_BROKER_URL = "redis://127.0.0.1:6379/0"  # no AMQP heartbeat to speak of
+    assert "supervisor_app.W002" not in ids(check_celery())
+
+
 def test_manage_py_check_fails_on_invalid_settings(settings: Any) -> None:
     from django.core.management.base import SystemCheckError
 

@@ -102,28 +102,14 @@ def test_random_sigkill_of_workers_during_a_stream_of_runs(live: Live) -> None:
 
 def test_supervisor_killed_mid_sweep_leaves_every_row_handled_or_untouched(live: Live) -> None:
     n = 1000
-    policy = services.RunPolicy(max_attempts=3, lease_timeout=LEASE, start_timeout=LEASE, max_runtime=None)
-    template = services.create_run("project.tasks.noop", [], {}, policy, countdown=3600)
-    assert template is not None
-    fields = {
-        f.attname: getattr(SupervisedRun.objects.get(pk=template.pk), f.attname)
-        for f in SupervisedRun._meta.concrete_fields
-        if not f.primary_key
-    }
-    fields.update(status="running", worker="ghost@dead-host", publish_count=1, next_check_at=None)
-    runs = SupervisedRun.objects.bulk_create([SupervisedRun(**fields) for _ in range(n)])
-    SupervisedRun.objects.filter(pk=template.pk).delete()
-    run_ids = [r.pk for r in runs]
-    RunAttempt.objects.bulk_create(
-        [RunAttempt(run_id=pk, number=1, outcome="running", worker="ghost@dead-host") for pk in run_ids]
-    )
-    SupervisedRun.objects.filter(pk__in=run_ids).update(
-        lease_expires_at=timezone.now() - timedelta(minutes=5), task_id=F("id")
-    )
+    run_ids = tools.ghost_runs(n, LEASE)
     first = live.supervisor("sup-1", wait=False, SUPERVISOR_SWEEP_BATCH_SIZE="10")
-    requeued = wait_until(
-        lambda: SupervisedRun.objects.filter(pk__in=run_ids, attempt=2).count(), 60, 0.005, "the sweep to start"
-    )
+
+    def requeued_once_100() -> int:
+        count = SupervisedRun.objects.filter(pk__in=run_ids, attempt=2).count()
+        return count if count >= 100 else 0
+
+    requeued = wait_until(requeued_once_100, 60, 0.005, "100 rows handled")
     first.kill()
     handled = SupervisedRun.objects.filter(pk__in=run_ids, attempt=2).count()
     # Half-way: each row is either untouched (attempt 1 running) or fully handled (attempt 2 queued).
@@ -146,23 +132,14 @@ def test_supervisor_killed_mid_sweep_leaves_every_row_handled_or_untouched(live:
 
 
 def test_two_beats_three_supervisors_and_a_killed_supervisor(live: Live) -> None:
-    from django_celery_beat.models import IntervalSchedule, PeriodicTask
-
-    from supervisor_app.models import ProcessHeartbeat, SupervisionPolicy
+    from supervisor_app.models import ProcessHeartbeat
 
     live.worker("w1", concurrency=2)
     live.worker("w2", concurrency=2)
     sups = [live.supervisor(f"sup-{i}", wait=False) for i in range(3)]
     beats = [live.beat("beat-a"), live.beat("beat-b")]
     wait_until(lambda: ProcessHeartbeat.objects.filter(kind="beat").count() >= 2, 60, what="two live beats")
-    interval, _ = IntervalSchedule.objects.get_or_create(every=1, period=IntervalSchedule.SECONDS)
-    pt = PeriodicTask.objects.create(
-        name="faults-every-second",
-        task="project.tasks.effect_job",
-        interval=interval,
-        kwargs='{"steps": 1, "step_seconds": 0.05, "label": "beat"}',
-    )
-    SupervisionPolicy.objects.create(periodic_task=pt, alert_grace=timedelta(seconds=3), catch_up="none")
+    pt = tools.every_second_schedule("faults-every-second", grace=3)
     wait_until(
         lambda: SupervisedRun.objects.filter(periodic_task=pt, status="succeeded").count() >= 4, 60, what="4 slots"
     )
@@ -313,7 +290,9 @@ def test_bad_messages_are_dropped_and_a_raising_heartbeat_is_a_task_error(live: 
     wait_until(lambda: Execution.objects.filter(label="plain").exists(), 30, what="the plain message")
     out = worker.output()
     assert out.count("not claimable; delivery dropped") >= 3 and out.count("malformed run/attempt") >= 3, out[-3000:]
-    assert "carries no run; executed unsupervised" in out
+    assert "carried no run; adopted as run" in out
+    adopted = SupervisedRun.objects.get(task_name=name, args=[1, 0.01, "plain"])
+    assert adopted.status == "succeeded" and adopted.attempt == 1
     assert not Execution.objects.filter(label__in=list(bad)).exists()
     assert SupervisedRun.objects.filter(pk=stale.pk).values().get() == before  # nothing written
     assert not RunAttempt.objects.filter(run_id=stale.pk).exists()
@@ -321,11 +300,10 @@ def test_bad_messages_are_dropped_and_a_raising_heartbeat_is_a_task_error(live: 
     assert hb.status == "dead" and "TypeError" in hb.last_error and hb.attempt == 2
     verdict = check([run_id], expect=["dead"])
     record(
-        "raw messages: unknown run, stale / future attempt, half or non-numeric headers",
+        "raw messages: unknown run, stale / future attempt, half or non-numeric headers, no run at all",
         "each dropped at the claim or before it, logged; nothing written; a message with no run at all "
-        "runs once, unsupervised, with a warning",
-        None,
-        held=True,
+        "is adopted: recorded as a run by the worker and executed as its attempt 1, supervised",
+        check([adopted.pk], expect=["succeeded"]),
     )
     record(
         "a task raising inside its heartbeat (non-JSON checkpoint)",

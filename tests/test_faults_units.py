@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
+import pytest
+from django.db import OperationalError, ProgrammingError
+
 from project.tasks import bad_heartbeat, noop
-from supervisor_app import NonRetryable
-from supervisor_app.states import RunStatus, decide_failure
+from supervisor_app import NonRetryable, agent, services
+from supervisor_app.states import LeaseLost, RunCancelled, RunStatus, decide_failure
 
 
 def test_retry_policy_of_a_task_without_its_own_backoff_uses_the_settings(settings: Any) -> None:
@@ -20,3 +24,199 @@ def test_retry_policy_of_a_task_without_its_own_backoff_uses_the_settings(settin
     assert decide_failure(policy, 1, NonRetryable("bad")).status == RunStatus.FAILED
     assert decide_failure(policy, 1, ValueError("again")).status == RunStatus.RETRYING
     assert bad_heartbeat.retry_policy().backoff == 0.1  # a task's own value still wins
+
+
+# ---------------------------------------------------------------- database outages seen by an agent
+
+
+@pytest.fixture
+def keeper(monkeypatch: pytest.MonkeyPatch) -> agent.LeaseKeeper:
+    """A lease keeper that never starts its thread (these tests drive it by hand)."""
+    fresh = agent.LeaseKeeper()
+    monkeypatch.setattr(fresh, "_ensure_thread", lambda: None)
+    monkeypatch.setattr(agent, "lease_keeper", fresh)
+    monkeypatch.setattr(agent.time, "sleep", lambda seconds: None)
+    return fresh
+
+
+def _unavailable(*args: Any, **kwargs: Any) -> Any:
+    raise OperationalError("connection refused")
+
+
+def test_a_heartbeat_during_an_outage_goes_on_while_the_lease_surely_holds(
+    keeper: agent.LeaseKeeper, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(services, "heartbeat", _unavailable)
+    keeper.register(1, 1, interval=1.0, lease_timeout=10.0, since=time.monotonic())
+    agent.heartbeat(1, 1, progress={"step": 1})  # no exception: 10 s of lease left
+    assert "heartbeat not saved, database unavailable" in caplog.text
+
+
+def test_a_heartbeat_during_an_outage_past_the_lease_stops_the_body(
+    keeper: agent.LeaseKeeper, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(services, "heartbeat", _unavailable)
+    keeper.register(1, 1, interval=1.0, lease_timeout=10.0, since=time.monotonic() - 11.0)
+    with pytest.raises(LeaseLost, match="database unreachable past the lease"):
+        agent.heartbeat(1, 1)
+
+
+def test_a_successful_renewal_extends_the_lease_from_when_it_was_sent(keeper: agent.LeaseKeeper) -> None:
+    sent = time.monotonic() - 11.0
+    keeper.register(1, 1, interval=1.0, lease_timeout=10.0, since=sent)
+    keeper.mark(1, 1, held=True, cancel_requested=False, since=sent + 5.0)
+    lease = keeper.state(1, 1)
+    assert lease is not None and lease.held_until == pytest.approx(sent + 15.0)
+    keeper.mark(1, 1, held=False, cancel_requested=False, since=sent + 9.0)  # refused: lost, not extended
+    assert lease.lost and lease.held_until == pytest.approx(sent + 15.0)
+
+
+def test_ride_out_retries_only_while_the_database_is_unavailable() -> None:
+    calls: list[int] = []
+
+    def flaky_write() -> str:
+        calls.append(1)
+        if len(calls) < 3:
+            raise OperationalError("server closed the connection")
+        return "written"
+
+    assert agent._ride_out(flaky_write, time.monotonic() + 60, "test") == "written"
+    assert len(calls) == 3
+    with pytest.raises(OperationalError):
+        agent._ride_out(_unavailable, time.monotonic() - 1, "test")  # past the deadline: raised
+
+    def buggy_write() -> None:
+        calls.append(1)
+        raise ProgrammingError("syntax error")  # not an outage: never retried
+
+    before = len(calls)
+    with pytest.raises(ProgrammingError):
+        agent._ride_out(buggy_write, time.monotonic() + 60, "test")
+    assert len(calls) == before + 1
+
+
+def test_a_finish_that_cannot_be_written_within_the_lease_is_left_to_the_supervisor(
+    keeper: agent.LeaseKeeper, caplog: pytest.LogCaptureFixture
+) -> None:
+    from celery.exceptions import Ignore
+
+    keeper.register(1, 1, interval=1.0, lease_timeout=10.0, since=time.monotonic() - 11.0)
+    lease = keeper.unregister(1, 1)
+    with pytest.raises(Ignore):
+        agent._finish(lease, _unavailable, 1, 1)
+    assert "outcome not recorded" in caplog.text and "the supervisor will recover the attempt" in caplog.text
+
+
+@pytest.mark.django_db  # the loop drops broken connections after a failure
+def test_a_failing_supervisor_logs_one_traceback_per_outage(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import threading
+
+    from supervisor_app import supervisor
+
+    stop = threading.Event()
+    outcomes = iter([OperationalError("connection refused\nIs the server running?")] * 3 + [None])
+
+    def sweep(name: str) -> None:
+        outcome = next(outcomes)
+        if outcome is None:
+            stop.set()  # the database is back: one good sweep, then stop the loop
+            return
+        raise outcome
+
+    monkeypatch.setattr(supervisor, "run_sweep", sweep)
+    assert supervisor.loop(stop, interval=0.0, name="t") == 1
+    tracebacks = [r for r in caplog.records if r.exc_info]
+    assert len(tracebacks) == 1 and "sweep failed; retrying" in tracebacks[0].getMessage()
+    again = [r.getMessage() for r in caplog.records if "failed again" in r.getMessage()]
+    assert again == ["sweep failed again (OperationalError: connection refused)"] * 2
+    assert "sweeping again after 3 failed sweeps" in caplog.text
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_message_without_a_run_is_adopted_and_executed_supervised(caplog: pytest.LogCaptureFixture) -> None:
+    from supervisor_app.models import RunAttempt, SupervisedRun
+
+    noop.push_request(id="sent-by-another-service", hostname="w@test", called_directly=False, is_eager=False)
+    try:
+        noop()
+    finally:
+        noop.pop_request()
+    run = SupervisedRun.objects.get(task_name=noop.name)
+    assert (run.status, run.attempt, run.publish_count) == ("succeeded", 1, 1)
+    assert list(RunAttempt.objects.filter(run=run).values_list("outcome", flat=True)) == ["succeeded"]
+    assert f"adopted as run {run.pk}" in caplog.text
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_message_without_a_run_whose_arguments_cannot_be_recorded_runs_once_unsupervised(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from project.tasks import slow_job
+    from supervisor_app.models import SupervisedRun
+
+    slow_job.push_request(id="odd", hostname="w@test", called_directly=False, is_eager=False)
+    try:
+        assert slow_job(1, 0.0, label={1, 2}) == 1  # a set is not JSON
+    finally:
+        slow_job.pop_request()
+    assert not SupervisedRun.objects.exists()
+    assert "none could be recorded (TypeError); executed unsupervised" in caplog.text
+
+
+# ---------------------------------------------------------------- interrupting a body
+
+
+@pytest.fixture
+def interrupt_handler() -> Any:
+    import signal
+
+    previous = signal.getsignal(agent.INTERRUPT_SIGNAL)
+    signal.signal(agent.INTERRUPT_SIGNAL, signal.SIG_DFL)
+    yield
+    signal.signal(agent.INTERRUPT_SIGNAL, previous)
+    agent._body.current = agent._body.pending = agent._body.fired = None
+
+
+def test_an_interrupt_raises_in_the_body_it_was_meant_for_only(interrupt_handler: None) -> None:
+    import threading
+
+    assert agent._can_interrupt()  # pytest runs tests on the main thread: the handler is installed
+    agent._body.current = (7, 2)
+
+    def from_the_lease_keeper(cancel: bool, key: tuple[int, int] = (7, 2)) -> threading.Timer:
+        timer = threading.Timer(0.05, agent._interrupt_body, args=(key, cancel))
+        timer.start()
+        return timer
+
+    started = time.monotonic()
+    with pytest.raises(RunCancelled):
+        from_the_lease_keeper(cancel=True)
+        time.sleep(5)  # a blocking sleep is broken by the signal's handler
+    assert time.monotonic() - started < 2
+    assert agent._body.fired == (7, 2)
+    with pytest.raises(LeaseLost):
+        from_the_lease_keeper(cancel=False)
+        time.sleep(5)
+    agent._body.current = (8, 1)  # that body finished; another one runs now
+    from_the_lease_keeper(cancel=False).join()  # signal sent; the handler runs here, and ignores it
+    assert agent._body.pending is None and agent._body.fired == (7, 2)
+
+
+def test_no_interrupts_off_the_main_thread_or_over_a_foreign_handler(interrupt_handler: None) -> None:
+    import signal
+    import threading
+
+    seen: list[bool] = []
+    thread = threading.Thread(target=lambda: seen.append(agent._can_interrupt()))
+    thread.start()
+    thread.join()
+    assert seen == [False]  # threads pool: bodies stop at heartbeat(), or after the cancel grace
+
+    def theirs(signum: int, frame: Any) -> None:
+        pass
+
+    signal.signal(agent.INTERRUPT_SIGNAL, theirs)
+    assert agent._can_interrupt() is False
+    assert signal.getsignal(agent.INTERRUPT_SIGNAL) is theirs  # left in place

@@ -122,11 +122,10 @@ def test_sigstop_past_the_lease_is_recovered_and_the_zombie_is_fenced(live: Live
     hung.signal_group(signal.SIGSTOP)
     try:
         wait_until(lambda: all_status([run_id], "succeeded"), 60, what="recovery on the healthy worker")
-        # A hung worker keeps its broker connection, so RabbitMQ may hand attempt 2 to it (its
-        # prefetch slot is free while it runs the stopped attempt). Attempt 2 then sits unstarted
-        # until the start timeout (the lease timeout here) and is published again: one more
-        # start timeout and sweep in the worst case.
-        assert_recovered_within_bound([run_id], stopped_at, extra=LEASE + SWEEP)
+        # The hung worker's prefetch slot is free while it runs the stopped attempt; RabbitMQ drops
+        # its connection (AMQP heartbeat 1 s, below the lease), so attempt 2 can't be handed to it.
+        # With heartbeats off it was, in every trial, and started a start timeout later.
+        assert_recovered_within_bound([run_id], stopped_at)
     finally:
         hung.signal_group(signal.SIGCONT)
     # The zombie wakes up: its next heartbeat raises LeaseLost, it writes nothing and is fenced.
@@ -211,3 +210,39 @@ def test_broker_down_at_dispatch_keeps_the_run_and_delivers_it_later(live: Live)
     live.supervisor()  # the broker is up for these: the supervisor publishes the run again
     wait_until(lambda: all_status([run_id], "succeeded"), 30, what="the run to be delivered")
     assert executions([run_id]) == {run_id: 1}
+
+
+def test_a_cancelled_body_that_never_heartbeats_is_interrupted(live: Live) -> None:
+    from supervisor_app import services
+
+    live.supervisor()
+    worker = live.worker("w", concurrency=1)
+    run_id = quiet_job.delay(30, "cancel-me").run_id  # sleeps 30 s, never calls heartbeat()
+    wait_until(lambda: running_on([run_id], "w@"), 30, what="the run to start")
+    child = worker.children()
+    cancelled_at = time.time()
+    assert services.request_cancel(run_id) == "running"
+    wait_until(lambda: all_status([run_id], "cancelled"), 30, what="the cancel to take effect")
+    run = SupervisedRun.objects.get(pk=run_id)
+    # The lease keeper saw the cancel at its next renewal and interrupted the body's sleep.
+    assert run.finished_at is not None and run.finished_at.timestamp() - cancelled_at <= 0.3 + MARGIN
+    assert [a.outcome for a in RunAttempt.objects.filter(run_id=run_id)] == ["cancelled"]
+    assert "interrupting the body (cancelled)" in worker.output()
+    assert executions([run_id]) == {}  # the body's effect, at its end, never happened
+    assert worker.children() == child  # no process was killed for it
+    after = quiet_job.delay(0.1, "after").run_id
+    wait_until(lambda: all_status([after], "succeeded"), 30, what="the next run")
+
+
+def test_an_attempt_past_its_max_runtime_is_stopped_and_retried(live: Live, settings: Any) -> None:
+    settings.SUPERVISOR_MAX_RUNTIME = 1.0
+    live.supervisor()
+    worker = live.worker("w", concurrency=1)
+    started = time.monotonic()
+    run_id = quiet_job.delay(30, "too-long").run_id
+    wait_until(lambda: all_status([run_id], "dead"), 60, what="three attempts timed out")
+    # Each 30 s body was stopped right after its timeout (interrupted, or revoked), not run out.
+    assert time.monotonic() - started < 3 * (1.0 + SWEEP + MARGIN)
+    assert worker.output().count("interrupting the body (lease lost)") + worker.output().count("Terminating") >= 3
+    assert [a.outcome for a in RunAttempt.objects.filter(run_id=run_id).order_by("number")] == ["timed_out"] * 3
+    assert executions([run_id]) == {}

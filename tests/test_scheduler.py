@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from celery import current_app
 from django.core.exceptions import ValidationError
-from django.db.models import F
+from django.db.models import Count, F
 from django.utils import timezone
 from django_celery_beat.models import CrontabSchedule, IntervalSchedule, PeriodicTask
 
@@ -37,6 +37,7 @@ def make_schedule(task: str = "project.tasks.noop", every: int = EVERY, **policy
 
 
 def define(pt: PeriodicTask) -> scheduling.ScheduleDef:
+    scheduling.supervised_task_names(current_app)  # imports the tasks, so a test can run on its own
     pt = PeriodicTask.objects.select_related("supervision", "interval", "crontab").get(pk=pt.pk)
     return scheduling.definition_for(pt, current_app.tasks[pt.task])
 
@@ -341,3 +342,242 @@ def test_scheduler_ticks_record_slots_and_liveness(sent: list[Any]) -> None:
     # The heap is not rebuilt (no O(N) comparison) unless the database schedule changed.
     assert scheduler.schedules_equal(scheduler.old_schedulers, scheduler.schedule)
     scheduler.close()
+
+
+# --------------------------------------------------------------------------- the beat's batch
+
+
+def firings(pts: list[PeriodicTask], since: datetime, now: datetime) -> list[scheduling.Firing]:
+    return [scheduling.Firing(define(pt), since, now) for pt in pts]
+
+
+def one_run_per_slot(pts: list[PeriodicTask]) -> int:
+    """The number of runs of ``pts``, after checking that no slot has two."""
+    rows = SupervisedRun.objects.filter(periodic_task__in=pts)
+    per_slot = rows.values("periodic_task_id", "scheduled_for").annotate(n=Count("id"))
+    assert {r["n"] for r in per_slot} <= {1}
+    return rows.count()
+
+
+@pytest.mark.parametrize("multi_row", [True, False], ids=["on-conflict", "per-row"])
+def test_a_batch_where_some_slots_exist_records_and_publishes_only_the_new_ones(
+    fire: Any, sent: list[Any], django_capture_on_commit_callbacks: Any, monkeypatch: Any, multi_row: bool
+) -> None:
+    from django.db import connection
+
+    if not multi_row:  # a backend without INSERT … ON CONFLICT … RETURNING: create_run per slot
+        monkeypatch.setattr(connection.features, "supports_update_conflicts_with_target", False)
+    pts = [make_schedule() for _ in range(6)]
+    for pt in pts[:3]:
+        fire(pt, at(0), at(2))  # slots 1 and 2 of three schedules recorded (and published) already
+    before = set(SupervisedRun.objects.values_list("pk", flat=True))
+    sent.clear()
+    with django_capture_on_commit_callbacks(execute=True):
+        results = scheduling.fire_many(firings(pts, at(0), at(3)))
+    counts = [(r.run, r.lost_race) for r in results if isinstance(r, scheduling.RecordCounts)]
+    assert counts == [(1, 2)] * 3 + [(3, 0)] * 3
+    new = set(SupervisedRun.objects.exclude(pk__in=before).values_list("pk", flat=True))
+    assert len(new) == 3 + 9 and sorted(r for r, _, _ in sent) == sorted(new)
+    assert {attempt for _, attempt, _ in sent} == {1}
+    assert one_run_per_slot(pts) == 6 * 3
+
+
+def test_a_slot_recorded_in_a_batch_is_the_row_create_run_writes(django_capture_on_commit_callbacks: Any) -> None:
+    from django.forms.models import model_to_dict
+
+    one, other = make_schedule(), make_schedule()
+    policy = services.RunPolicy(max_attempts=4, lease_timeout=30.0, start_timeout=45.0, max_runtime=600.0)
+    args: dict[str, Any] = dict(options={"queue": "q1", "priority": 3, "countdown": 5}, scheduled_for=at(1))
+    with django_capture_on_commit_callbacks(execute=False):
+        alone = services.create_run(
+            "project.tasks.noop", [1, "a"], {"k": {"n": None}}, policy, periodic_task_id=one.pk, **args
+        )
+        slot = services.SlotRun(
+            other.pk, at(1), "project.tasks.noop", [1, "a"], {"k": {"n": None}}, policy, args["options"]
+        )
+        [(pk, _)] = services.create_slot_runs([slot])
+    assert alone is not None
+    rows = [SupervisedRun.objects.get(pk=alone.pk), SupervisedRun.objects.get(pk=pk)]
+    ignored = {"id", "periodic_task", "created_at", "next_check_at"}
+    single, batched = ({k: v for k, v in model_to_dict(r).items() if k not in ignored} for r in rows)
+    assert batched == single and batched["options"] == {"queue": "q1", "priority": 3}
+    for row in rows:
+        assert row.next_check_at is not None
+        assert abs((row.next_check_at - row.created_at) - timedelta(seconds=45)) < timedelta(seconds=5)
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_two_beats_racing_over_one_batch_record_and_publish_each_slot_once(sent: list[Any], monkeypatch: Any) -> None:
+    import threading
+
+    from django.db import connection
+
+    fake_send = services._send
+
+    def slow_send(*args: Any, **kwargs: Any) -> None:
+        time.sleep(0.002)  # a broker round trip: while one beat publishes, the other inserts the next rows
+        fake_send(*args, **kwargs)
+
+    monkeypatch.setattr(services, "_send", slow_send)
+    pts = [make_schedule() for _ in range(400)]
+    batch = firings(pts, at(0), at(3))  # 1,200 slots: three inserts of 500 rows or fewer per beat
+    barrier = threading.Barrier(2)
+    results: list[list[scheduling.RecordCounts | Exception]] = [[], []]
+
+    def beat(k: int) -> None:
+        try:
+            barrier.wait()
+            # The other beat sees the entries in another order: the rows still go in in one order.
+            results[k] = scheduling.fire_many(batch if k == 0 else batch[::-1])
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=beat, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    counts = [r for rs in results for r in rs]
+    assert len(counts) == 800 and all(isinstance(c, scheduling.RecordCounts) for c in counts), counts[:3]
+    recorded = [c for c in counts if isinstance(c, scheduling.RecordCounts)]
+    assert sum(c.run for c in recorded) == 1200 and sum(c.lost_race for c in recorded) == 1200
+    assert one_run_per_slot(pts) == 1200
+    assert len(sent) == 1200 and len({run_id for run_id, _, _ in sent}) == 1200
+
+
+def test_a_broker_down_during_a_batch_leaves_the_unsent_runs_queued_for_the_supervisor(
+    sent: list[Any], django_capture_on_commit_callbacks: Any, monkeypatch: Any
+) -> None:
+    pts = [make_schedule() for _ in range(5)]
+    calls: list[int] = []
+    fake_send = services._send
+
+    def broker_goes_down(run_id: int, *args: Any, **kwargs: Any) -> None:
+        calls.append(run_id)
+        if len(calls) > 2:
+            raise ConnectionRefusedError("broker down")
+        fake_send(run_id, *args, **kwargs)
+
+    monkeypatch.setattr(services, "_send", broker_goes_down)
+    with django_capture_on_commit_callbacks(execute=True):
+        [result] = scheduling.fire_many(firings(pts[:1], at(0), at(1)))
+        results = scheduling.fire_many(firings(pts[1:], at(0), at(1)))
+    assert isinstance(result, scheduling.RecordCounts) and result.run == 1
+    assert all(isinstance(r, scheduling.RecordCounts) and r.run == 1 for r in results)
+    # Two published; the broker failed on the third, and the batch stopped trying (one failure per batch).
+    assert len(sent) == 2 and len(calls) == 3
+    rows = SupervisedRun.objects.filter(periodic_task__in=pts)
+    assert set(rows.values_list("status", flat=True)) == {RunStatus.QUEUED}
+    unsent = rows.exclude(pk__in=[r for r, _, _ in sent])
+    assert unsent.count() == 3 and set(unsent.values_list("publish_count", flat=True)) == {0}
+    monkeypatch.setattr(services, "_send", fake_send)  # the broker is back
+    with django_capture_on_commit_callbacks(execute=True):
+        report = run_sweep("test-supervisor")
+    assert report.republished == 3
+    assert sorted(r for r, _, _ in sent) == sorted(rows.values_list("pk", flat=True))
+
+
+def test_a_batch_keeps_overlap_policies_and_misses_on_their_own_path(
+    sent: list[Any], missed_signals: list[Any], django_capture_on_commit_callbacks: Any
+) -> None:
+    allow = make_schedule(catch_up="none", alert_grace=timedelta(seconds=5))
+    skip = make_schedule(overlap="skip")
+    fire_once = firings([skip], at(0), at(1))
+    with django_capture_on_commit_callbacks(execute=True):
+        scheduling.fire_many(fire_once)  # skip's slot 1: a queued, active run
+        results = scheduling.fire_many(firings([allow], at(0), at(3)) + firings([skip], at(1), at(2)))
+    assert runs(allow) == [(1, "missed"), (2, "missed"), (3, "queued")]
+    assert runs(skip) == [(1, "queued"), (2, "skipped")]
+    assert [r.as_dict() for r in results if isinstance(r, scheduling.RecordCounts)] == [
+        {"run": 1, "missed": 2},
+        {"skipped": 1},
+    ]
+    assert len(missed_signals) == 2 and len(sent) == 2
+
+
+def test_a_batch_reports_a_failing_schedule_and_records_the_others(sent: list[Any], settings: Any) -> None:
+    settings.SUPERVISOR_MAX_ARGS_BYTES = 50
+    good = make_schedule()
+    bad = make_schedule()
+    PeriodicTask.objects.filter(pk=bad.pk).update(kwargs='{"blob": "' + "x" * 100 + '"}')
+    results = scheduling.fire_many(firings([good, bad], at(0), at(1)))
+    assert isinstance(results[0], scheduling.RecordCounts) and results[0].run == 1
+    assert isinstance(results[1], ValueError)
+    assert runs(good) == [(1, "queued")] and runs(bad) == []
+
+
+def due_scheduler(n: int, settings: Any) -> tuple[Any, list[PeriodicTask]]:
+    """A beat with ``n`` supervised schedules (every minute), each with slots due now."""
+    from supervisor_app.schedulers import SupervisedScheduler
+
+    settings.SUPERVISOR_ALERT_GRACE = 3600.0  # every due slot is on time: no catch-up decision here
+    pts = [make_schedule(every=60) for _ in range(n)]
+    PeriodicTask.objects.filter(pk__in=[pt.pk for pt in pts]).update(
+        date_changed=timezone.now() - timedelta(seconds=150)
+    )
+    return SupervisedScheduler(app=current_app), pts
+
+
+@pytest.mark.django_db(transaction=True)
+def test_one_tick_fires_every_due_schedule_and_a_second_beat_records_nothing(sent: list[Any], settings: Any) -> None:
+    from supervisor_app.schedulers import SupervisedEntry
+
+    first, pts = due_scheduler(30, settings)
+    second, _ = due_scheduler(0, settings)
+    try:
+        assert first.tick() == 0  # one tick: the whole batch
+        recorded = one_run_per_slot(pts)
+        assert recorded >= 60 and len(sent) == recorded  # two or three slots per schedule
+        assert first._stats == {"run": recorded}
+        assert second.tick() == 0
+        assert second._stats == {"lost_race": recorded} and len(sent) == recorded
+        # Both heaps still hold every schedule, next due at its next slot, not now.
+        for scheduler in (first, second):
+            entries = [e[2] for e in scheduler._heap if isinstance(e[2], SupervisedEntry)]
+            assert len(entries) == 30 and not any(e.is_due().is_due for e in entries)
+            assert scheduler.tick() > 0
+        # No second attempt at the fired slots (the schedule holds the successors, heap rebuilt or not).
+        assert first._stats == {"run": recorded} and second._stats == {"lost_race": recorded}
+        # The winner wrote last_run_at and total_run_count, in one statement; the loser nothing.
+        counts = dict(PeriodicTask.objects.filter(pk__in=[p.pk for p in pts]).values_list("pk", "total_run_count"))
+        per_pt = dict(
+            SupervisedRun.objects.filter(periodic_task__in=pts)
+            .values("periodic_task_id")
+            .annotate(n=Count("id"))
+            .values_list("periodic_task_id", "n")
+        )
+        assert counts == per_pt
+        assert not PeriodicTask.objects.filter(pk__in=[p.pk for p in pts], last_run_at__isnull=True).exists()
+    finally:
+        first.close()
+        second.close()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_batch_that_cannot_be_recorded_keeps_its_slots_for_the_next_fire(
+    sent: list[Any], settings: Any, monkeypatch: Any
+) -> None:
+    from django.db import OperationalError
+
+    scheduler, pts = due_scheduler(3, settings)
+
+    def database_down(*args: Any, **kwargs: Any) -> Any:
+        raise OperationalError("server closed the connection unexpectedly")
+
+    try:
+        cursors = {e.model.pk: e.cursor for e in scheduler.schedule.values() if hasattr(e, "cursor")}
+        assert len(cursors) == 3
+        with monkeypatch.context() as m:
+            m.setattr(services, "create_slot_runs", database_down)
+            assert scheduler.tick() == 0
+        assert one_run_per_slot(pts) == 0 and sent == []
+        # The successors start from the old cursors: their next fire records the same slots.
+        heap = [e for _, _, e in scheduler._heap if hasattr(e, "cursor")]
+        assert {e.model.pk: e.cursor for e in heap} == cursors
+        for entry in heap:
+            scheduler.reserve(entry)
+        scheduler.fire(heap)
+        assert one_run_per_slot(pts) >= 6 and len(sent) == one_run_per_slot(pts)
+    finally:
+        scheduler.close()

@@ -4,10 +4,12 @@ publishes are captured by the ``sent`` fixture."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 import pytest
 from django.db import transaction
+from django.utils import timezone
 
 from project.tasks import noop, slow_job
 from supervisor_app import services, signals
@@ -216,6 +218,64 @@ def test_run_past_max_runtime_is_timed_out_and_requeued(
     assert RunAttempt.objects.get(run_id=run_id, number=1).outcome == "timed_out"
     assert SupervisedRun.objects.get(pk=run_id).attempt == 2
     assert "run_timed_out" in [name for name, _ in listen]
+
+
+@pytest.mark.parametrize("max_runtime", [None, 3600], ids=["no-max-runtime", "a-later-max-runtime"])
+def test_a_cancelled_run_that_does_not_stop_within_the_grace_is_cancelled_and_revoked(
+    dispatched: Callable[..., int], expire: Any, settings: Any, django_capture_on_commit_callbacks: Any,
+    monkeypatch: pytest.MonkeyPatch, max_runtime: float | None,
+) -> None:  # fmt: skip
+    revoked: list[str] = []
+    monkeypatch.setattr(services, "_revoke", revoked.append)
+    settings.SUPERVISOR_MAX_RUNTIME = max_runtime
+    settings.SUPERVISOR_CANCEL_GRACE = 30
+    run_id = dispatched()
+    services.claim(run_id, 1, "w", task_id="tid-1")
+    assert services.request_cancel(run_id) == RunStatus.RUNNING
+    run = SupervisedRun.objects.get(pk=run_id)
+    assert run.deadline_at is not None and run.lease_expires_at is not None
+    grace = (run.deadline_at - run.started_at).total_seconds()
+    assert 29 <= grace <= 31, grace  # the grace, not the max runtime
+    with django_capture_on_commit_callbacks(execute=True):
+        assert run_sweep("t").cancelled == 0  # within the grace: the body may still stop itself
+    expire(run_id, "deadline_at", 60)
+    with django_capture_on_commit_callbacks(execute=True):
+        assert run_sweep("t").cancelled == 1
+    assert revoked == ["tid-1"]
+    run = SupervisedRun.objects.get(pk=run_id)
+    assert (run.status, run.attempt) == (RunStatus.CANCELLED, 1)
+    assert RunAttempt.objects.get(run_id=run_id, number=1).outcome == "cancelled"
+    assert services.finish_success(run_id, 1, "w") is False  # the body finished late: fenced
+
+
+def test_a_cancelled_run_whose_agent_died_is_cancelled_not_retried(
+    dispatched: Callable[..., int], expire: Any, django_capture_on_commit_callbacks: Any, sent: list[Any]
+) -> None:
+    run_id = dispatched()
+    services.claim(run_id, 1, "w")
+    services.request_cancel(run_id)
+    expire(run_id)
+    with django_capture_on_commit_callbacks(execute=True):
+        report = run_sweep("t")
+    assert (report.recovered, report.cancelled) == (0, 1)
+    run = SupervisedRun.objects.get(pk=run_id)
+    assert (run.status, run.attempt) == (RunStatus.CANCELLED, 1)
+    assert RunAttempt.objects.get(run_id=run_id, number=1).outcome == "lost"
+    assert len(sent) == 1  # attempt 1 only: nothing published for a cancelled run
+
+
+def test_a_retry_of_a_cancelled_run_is_not_dispatched(
+    dispatched: Callable[..., int], django_capture_on_commit_callbacks: Any, sent: list[Any]
+) -> None:
+    run_id = dispatched()
+    # A retryable failure and a cancel that raced it: the backoff is over.
+    SupervisedRun.objects.filter(pk=run_id).update(
+        status=RunStatus.RETRYING, cancel_requested=True, next_check_at=timezone.now() - timedelta(seconds=1)
+    )
+    with django_capture_on_commit_callbacks(execute=True):
+        assert run_sweep("t").retried == 0
+    assert SupervisedRun.objects.get(pk=run_id).status == RunStatus.CANCELLED
+    assert len(sent) == 1
 
 
 def test_broker_down_at_dispatch_keeps_the_run_for_the_supervisor(

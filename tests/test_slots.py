@@ -104,6 +104,27 @@ def test_next_slot_after_finds_rare_crontabs_and_respects_bounds() -> None:
     assert slots.next_slot_after(never, utc(2024, 1, 1)) is None
 
 
+@pytest.mark.parametrize(
+    ("rule", "start"),
+    [
+        (cron(set(range(60)), range(24)), utc(2024, 11, 2, 23, 58)),  # every minute through fall back (NY)
+        (cron({0, 30}, range(24)), utc(2024, 3, 9, 22, 0)),  # spring forward (NY)
+        (cron({15}, {2, 3}, tz=PARIS), utc(2024, 3, 30, 0, 0)),
+    ],
+)
+def test_slots_between_agrees_with_next_slot_after_and_excludes_its_start(rule: Crontab, start: datetime) -> None:
+    end = start + timedelta(days=2)
+    expected = []
+    t = slots.next_slot_after(rule, start)
+    while t is not None and t <= end:
+        expected.append(t)
+        t = slots.next_slot_after(rule, t)
+    assert slots.slots_between(rule, start, end) == expected and expected
+    # Exclusive start, inclusive end, on a slot exactly.
+    assert slots.slots_between(rule, expected[0], expected[1]) == [expected[1]]
+    assert slots.slots_between(rule, expected[0], expected[0]) == []
+
+
 # --------------------------------------------------------------------------- interval, clocked, solar
 
 

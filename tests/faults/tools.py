@@ -1,7 +1,8 @@
 """Fault tools that touch only this test's own processes and connections.
 
-PostgreSQL, RabbitMQ and Redis are shared with other test runs on the machine: nothing here restarts
-a server or closes anybody else's connections. (Server restarts are left to ``make chaos``.)
+PostgreSQL, RabbitMQ and Redis on their usual ports are shared with other test runs on the machine:
+nothing here restarts a server or closes anybody else's connections. Restarts and crashes use the
+private servers of ``tests.faults.servers``.
 """
 
 from __future__ import annotations
@@ -10,9 +11,20 @@ import os
 import re
 import shutil
 import subprocess
+from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from django.db import connection
+from django.db.models import F
+from django.utils import timezone
+
+from supervisor_app import services
+from supervisor_app.models import RunAttempt, SupervisedRun
+
+if TYPE_CHECKING:
+    from django_celery_beat.models import PeriodicTask
 
 SKEW_DIR = Path(__file__).resolve().parent / "skew"
 
@@ -67,24 +79,28 @@ def rabbitmqctl_available() -> bool:
     return probe.returncode == 0
 
 
-def close_rabbitmq_connections(pids: set[int]) -> int:
-    """Close, on the RabbitMQ server, the AMQP connections of ``pids`` (no one else's)."""
-    ports = local_ports(pids, 5672)
+def _rabbitmqctl(*args: str) -> str:
+    return subprocess.run(["rabbitmqctl", *args], capture_output=True, text=True, timeout=60, check=True).stdout
+
+
+def close_rabbitmq_connections(pids: set[int], port: int = 5672, ctl: Callable[..., str] = _rabbitmqctl) -> int:
+    """Close, on the RabbitMQ server, the AMQP connections of ``pids`` (no one else's).
+
+    ``ctl`` runs rabbitmqctl against the node listening on ``port`` (a private node has its own).
+    """
+    ports = local_ports(pids, port)
     if not ports:
         return 0
-    listed = subprocess.run(
-        ["rabbitmqctl", "-q", "list_connections", "name"], capture_output=True, text=True, timeout=60, check=True
-    ).stdout
     closed = 0
-    for name in listed.splitlines():
-        name = name.strip()
+    # close_connection takes the connection's Erlang pid; the name gives the client's port.
+    for line in ctl("-q", "list_connections", "pid", "name").splitlines():
+        pid, _, name = line.strip().partition("\t")
         m = re.match(r"[\d.]+:(\d+) -> ", name)
         if m and int(m.group(1)) in ports:
-            subprocess.run(
-                ["rabbitmqctl", "-q", "close_connection", name, "fault suite: connection dropped"],
-                capture_output=True,
-                timeout=60,
-            )
+            try:
+                ctl("-q", "close_connection", pid, "fault suite: connection dropped")
+            except (subprocess.CalledProcessError, RuntimeError):
+                continue  # gone already
             closed += 1
     return closed
 
@@ -93,7 +109,7 @@ def close_redis_connections(pids: set[int], url: str) -> int:
     """CLIENT KILL the Redis connections of ``pids`` (no one else's)."""
     import redis
 
-    ports = local_ports(pids, 6379)
+    ports = local_ports(pids, int(url.split("://", 1)[1].split("/", 1)[0].rsplit(":", 1)[1]))
     client = redis.Redis.from_url(url)
     killed = 0
     for info in client.client_list():
@@ -112,3 +128,46 @@ def skewed_env(seconds: float) -> dict[str, str]:
     """Environment for a process whose wall clock is ``seconds`` off (see ``skew/sitecustomize.py``)."""
     path = os.environ.get("PYTHONPATH", "")
     return {"PYTHONPATH": f"{SKEW_DIR}{os.pathsep}{path}" if path else str(SKEW_DIR), "FAULTS_CLOCK_SKEW": str(seconds)}
+
+
+def ghost_runs(n: int, lease: float, task: str = "project.tasks.noop") -> list[int]:
+    """``n`` runs `running` on attempt 1 for an agent that died 5 minutes ago (leases long expired).
+
+    Built in bulk, as the supervisor would find them after a whole fleet of workers vanished.
+    """
+    policy = services.RunPolicy(max_attempts=3, lease_timeout=lease, start_timeout=lease, max_runtime=None)
+    template = services.create_run(task, [], {}, policy, countdown=3600)
+    assert template is not None
+    fields = {
+        f.attname: getattr(SupervisedRun.objects.get(pk=template.pk), f.attname)
+        for f in SupervisedRun._meta.concrete_fields
+        if not f.primary_key
+    }
+    fields.update(status="running", worker="ghost@dead-host", publish_count=1, next_check_at=None)
+    runs = SupervisedRun.objects.bulk_create([SupervisedRun(**fields) for _ in range(n)])
+    SupervisedRun.objects.filter(pk=template.pk).delete()
+    run_ids = [r.pk for r in runs]
+    RunAttempt.objects.bulk_create(
+        [RunAttempt(run_id=pk, number=1, outcome="running", worker="ghost@dead-host") for pk in run_ids]
+    )
+    SupervisedRun.objects.filter(pk__in=run_ids).update(
+        lease_expires_at=timezone.now() - timedelta(minutes=5), task_id=F("id")
+    )
+    return run_ids
+
+
+def every_second_schedule(name: str, grace: float) -> PeriodicTask:
+    """A supervised schedule firing ``effect_job`` every second (no catch-up), for racing beats."""
+    from django_celery_beat.models import IntervalSchedule, PeriodicTask
+
+    from supervisor_app.models import SupervisionPolicy
+
+    interval, _ = IntervalSchedule.objects.get_or_create(every=1, period=IntervalSchedule.SECONDS)
+    pt = PeriodicTask.objects.create(
+        name=name,
+        task="project.tasks.effect_job",
+        interval=interval,
+        kwargs='{"steps": 1, "step_seconds": 0.05, "label": "beat"}',
+    )
+    SupervisionPolicy.objects.create(periodic_task=pt, alert_grace=timedelta(seconds=grace), catch_up="none")
+    return pt
