@@ -122,13 +122,16 @@ CELERY_RESULT_SERIALIZER = "json"
 CELERY_ACCEPT_CONTENT = ["json"]
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_TASK_DEFAULT_QUEUE = os.environ.get("CELERY_TASK_DEFAULT_QUEUE", "celery")
+# Many projects acknowledge after the body (acks_late); supervised tasks need neither, and work with
+# both (a redelivered message is fenced at its claim). The tests run a worker each way.
+CELERY_TASK_ACKS_LATE = os.environ.get("CELERY_TASK_ACKS_LATE", "0") == "1"
 # One message at a time per pool process: a hung worker then holds as few messages as possible.
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 # AMQP heartbeat (seconds). A hung worker (SIGSTOP, deadlock, a VM paused) stops answering it, so
 # RabbitMQ closes its connection after about this long: its consumer goes away with its prefetched
 # messages, which are requeued. Keep it below the lease timeout, so that the attempt the supervisor
-# publishes after the lease expires can't be handed to the hung worker (system check W007).
+# publishes after the lease expires can't be handed to the hung worker (system check W002).
 CELERY_BROKER_HEARTBEAT = _env_float("CELERY_BROKER_HEARTBEAT", 20.0)
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 # Keep the worker's database connection between tasks (Celery's Django fixup closes it otherwise).

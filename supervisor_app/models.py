@@ -43,6 +43,12 @@ class SupervisedRun(models.Model):
 
     worker = models.CharField(max_length=255, blank=True, default="")
     task_id = models.CharField(max_length=255, blank=True, default="", help_text="Celery id of the current attempt.")
+    #: Celery id of the message a worker adopted as this run (a message sent without a run, e.g. by
+    #: ``send_task`` from another service). Unique, so a redelivery of that message finds this run
+    #: instead of recording a second one. Empty for every run recorded by ``.delay()`` or a beat.
+    adopted_message_id = models.CharField(
+        max_length=255, blank=True, default="", editable=False, help_text="Celery id of the adopted message."
+    )
     heartbeat_at = models.DateTimeField(null=True, blank=True)
     lease_expires_at = models.DateTimeField(null=True, blank=True)
     lease_timeout = models.DurationField(help_text="Lease length granted at claim and renewal.")
@@ -75,6 +81,12 @@ class SupervisedRun(models.Model):
                 fields=["periodic_task", "scheduled_for"],
                 condition=Q(periodic_task__isnull=False),
                 name="supervisor_run_unique_slot",
+            ),
+            # A redelivered foreign message is adopted once. Partial: only adopted runs are indexed.
+            models.UniqueConstraint(
+                fields=["adopted_message_id"],
+                condition=~Q(adopted_message_id=""),
+                name="supervisor_run_unique_adopted_message",
             ),
             check_constraint(Q(attempt__gte=1), "supervisor_run_attempt_gte_1"),
             check_constraint(Q(status__in=[s.value for s in RunStatus]), "supervisor_run_status_valid"),

@@ -133,6 +133,7 @@ def create_run(
     scheduled_for: Any = None,
     status: str = RunStatus.QUEUED,
     publish: bool = True,
+    adopted_message_id: str | None = None,
 ) -> SupervisedRun | None:
     """Record a run and, after commit, publish its first attempt.
 
@@ -140,7 +141,9 @@ def create_run(
     case nothing is published. With ``countdown`` the run waits, recorded, and the supervisor
     publishes it when due (no ETA held in a worker's memory). ``publish=False``: the first attempt's
     message exists already (a worker adopting a message that carried no run); the supervisor
-    publishes it again only if it is not started within the start timeout.
+    publishes it again only if it is not started within the start timeout. ``adopted_message_id``
+    (the adopted message's Celery id, with ``publish=False``) is unique: if a run was recorded for
+    that message already (the broker redelivered it), ``IntegrityError`` is raised, nothing written.
     """
     args = list(args or [])
     kwargs = dict(kwargs or {})
@@ -171,6 +174,10 @@ def create_run(
                 run = SupervisedRun.objects.create(**fields)
         except IntegrityError:
             return None  # the slot is recorded already: whoever inserted it publishes it
+    elif adopted_message_id is not None:
+        # Its own transaction, so a conflict (IntegrityError, raised) leaves the caller's intact.
+        with transaction.atomic(using=router.db_for_write(SupervisedRun)):
+            run = SupervisedRun.objects.create(**fields, adopted_message_id=adopted_message_id)
     else:
         run = SupervisedRun.objects.create(**fields)
     # The id is known only after the insert; a second short write is avoided by deriving the first

@@ -151,20 +151,41 @@ class SupervisedTask(Task):  # type: ignore[misc]
         return agent.execute(self, run, number, args, kwargs)
 
     def _adopt(self, args: Any, kwargs: Any) -> int | None:
-        """Record a run for a message that carries none; None if it can't be recorded."""
-        from django.db import DatabaseError
+        """Record a run for a message that carries none; None if it can't be recorded.
 
+        Keyed by the message's Celery id: a redelivery of the same message (a worker lost with it
+        unacknowledged, a connection dropped) finds the run the first delivery recorded, and its
+        attempt 1 is then claimed or refused like any supervised message's: run once, not twice.
+        """
+        from django.db import DatabaseError, IntegrityError
+
+        from .models import SupervisedRun
+
+        message_id = str(self.request.id) if self.request.id else None
         try:
-            run = services.create_run(self.name, args, kwargs, self.run_policy(), publish=False)
-        except (DatabaseError, TypeError, ValueError) as exc:
-            # Nothing can be recorded (database down, arguments not JSON): run it as plain Celery
-            # would, once and unsupervised, and say so.
-            logger.warning(
-                "%s: message %s carries no run and none could be recorded (%s); executed unsupervised",
+            run = services.create_run(
                 self.name,
-                self.request.id,
-                type(exc).__name__,
+                args,
+                kwargs,
+                self.run_policy(),
+                publish=False,
+                adopted_message_id=message_id,
             )
+        except IntegrityError as exc:
+            # Recorded by an earlier delivery of this very message: that run's attempt 1 is this
+            # one, and the claim decides whether it still runs (it does only if it never started).
+            try:
+                pk = SupervisedRun.objects.filter(adopted_message_id=message_id).values_list("pk", flat=True).first()
+            except DatabaseError as again:
+                self._unsupervised(again)
+                return None
+            if pk is None:
+                self._unsupervised(exc)
+                return None
+            logger.warning("%s: message %s redelivered; adopted before as run %s", self.name, message_id, pk)
+            return int(pk)
+        except (DatabaseError, TypeError, ValueError) as exc:
+            self._unsupervised(exc)
             return None
         assert run is not None  # only schedule slots can be refused
         logger.warning(
@@ -174,6 +195,16 @@ class SupervisedTask(Task):  # type: ignore[misc]
             run.pk,
         )
         return int(run.pk)
+
+    def _unsupervised(self, exc: Exception) -> None:
+        """Nothing can be recorded (database down, arguments not JSON): the message runs as plain
+        Celery would run it, once and unsupervised, and the log says so."""
+        logger.warning(
+            "%s: message %s carries no run and none could be recorded (%s); executed unsupervised",
+            self.name,
+            self.request.id,
+            type(exc).__name__,
+        )
 
     @property
     def checkpoint(self) -> Any:

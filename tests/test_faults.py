@@ -313,6 +313,37 @@ def test_bad_messages_are_dropped_and_a_raising_heartbeat_is_a_task_error(live: 
     verdict.assert_ok()
 
 
+def test_a_message_without_a_run_redelivered_after_a_kill_runs_once(live: Live) -> None:
+    """A project with acks_late sends a plain message (no run): the worker adopts it, dies mid-body,
+    and RabbitMQ delivers the message again. One run, recovered once, one execution; before the
+    adopted message's id was unique, the redelivery was adopted as a second run and both ran."""
+    from project.tasks import quiet_job
+
+    live.supervisor()
+    victim = live.worker("acks-late-victim", CELERY_TASK_ACKS_LATE="1")
+    message = current_app.send_task(quiet_job.name, args=[2.0, "redelivered"])
+    wait_until(
+        lambda: SupervisedRun.objects.filter(adopted_message_id=message.id, status="running").exists(),
+        60,
+        what="the adopted run running on the victim",
+    )
+    victim.kill()
+    other = live.worker("acks-late-other", CELERY_TASK_ACKS_LATE="1")
+    wait_until(lambda: "redelivered; adopted before as run" in other.output(), 60, what="the redelivery")
+    run = SupervisedRun.objects.get(adopted_message_id=message.id)
+    settle([run.pk])
+    assert SupervisedRun.objects.filter(task_name=quiet_job.name).count() == 1
+    assert Execution.objects.filter(label="redelivered").count() == 1
+    v = verify(
+        "a message with no run (a project with acks_late) redelivered after its worker was SIGKILLed mid-body",
+        "the redelivery found the run its first delivery adopted (unique message id) and was refused at "
+        "the claim; the lost attempt was recovered: one run, one execution",
+        [run.pk],
+        expect=["succeeded"],
+    )
+    assert v.recovered == 1
+
+
 def test_invalid_settings_stop_the_supervisor_at_start() -> None:
     env = {**os.environ, "SUPERVISOR_LEASE_TIMEOUT": "0.2", "SUPERVISOR_HEARTBEAT_INTERVAL": "0.3"}
     out = subprocess.run(

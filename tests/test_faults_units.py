@@ -149,6 +149,75 @@ def test_a_message_without_a_run_is_adopted_and_executed_supervised(caplog: pyte
     assert f"adopted as run {run.pk}" in caplog.text
 
 
+def deliver(task: Any, message_id: str, *args: Any) -> Any:
+    """Execute ``task`` as a worker would for a message with no run headers and this Celery id."""
+    task.push_request(id=message_id, hostname="w@test", called_directly=False, is_eager=False)
+    try:
+        return task(*args)
+    finally:
+        task.pop_request()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_redelivered_message_without_a_run_is_adopted_once_and_run_once(caplog: pytest.LogCaptureFixture) -> None:
+    """acks_late + a lost connection, or a worker killed after the body: the broker delivers the
+    same message again. The first delivery's run is found by the message's id; its attempt 1 is
+    not claimable any more, so the body does not run again and no second run is recorded."""
+    from celery.exceptions import Ignore
+
+    from project.models import Execution
+    from project.tasks import slow_job
+    from supervisor_app.models import SupervisedRun
+
+    assert deliver(slow_job, "foreign-1", 0, 0.0, "once") == 0
+    with pytest.raises(Ignore):
+        deliver(slow_job, "foreign-1", 0, 0.0, "once")
+    run = SupervisedRun.objects.get(task_name=slow_job.name)
+    assert (run.status, run.attempt, run.adopted_message_id) == ("succeeded", 1, "foreign-1")
+    assert Execution.objects.filter(label="once").count() == 1
+    assert f"message foreign-1 redelivered; adopted before as run {run.pk}" in caplog.text
+    assert deliver(slow_job, "foreign-2", 0, 0.0, "other") == 0  # another message: another run
+    assert SupervisedRun.objects.filter(task_name=slow_job.name).count() == 2
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_redelivered_message_runs_if_its_first_delivery_never_started_it() -> None:
+    """The first delivery recorded the run, then its worker died before the claim."""
+    from project.models import Execution
+    from project.tasks import slow_job
+    from supervisor_app.models import RunAttempt, SupervisedRun
+
+    first = services.create_run(
+        slow_job.name, [0, 0.0, "late"], {}, slow_job.run_policy(), publish=False, adopted_message_id="foreign-3"
+    )
+    assert first is not None
+    assert deliver(slow_job, "foreign-3", 0, 0.0, "late") == 0
+    assert SupervisedRun.objects.filter(task_name=slow_job.name).count() == 1
+    assert SupervisedRun.objects.get(pk=first.pk).status == "succeeded"
+    assert list(RunAttempt.objects.filter(run=first).values_list("number", "outcome")) == [(1, "succeeded")]
+    assert Execution.objects.filter(label="late").count() == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_redelivered_message_whose_run_was_taken_over_is_dropped() -> None:
+    """The first delivery's worker died mid-body; the supervisor already published attempt 2."""
+    from celery.exceptions import Ignore
+
+    from project.models import Execution
+    from project.tasks import slow_job
+    from supervisor_app.models import SupervisedRun
+
+    first = services.create_run(
+        slow_job.name, [0, 0.0, "taken"], {}, slow_job.run_policy(), publish=False, adopted_message_id="foreign-4"
+    )
+    assert first is not None
+    SupervisedRun.objects.filter(pk=first.pk).update(attempt=2)
+    with pytest.raises(Ignore):
+        deliver(slow_job, "foreign-4", 0, 0.0, "taken")
+    assert not Execution.objects.filter(label="taken").exists()
+    assert SupervisedRun.objects.filter(task_name=slow_job.name).count() == 1
+
+
 @pytest.mark.django_db(transaction=True)
 def test_a_message_without_a_run_whose_arguments_cannot_be_recorded_runs_once_unsupervised(
     caplog: pytest.LogCaptureFixture,
