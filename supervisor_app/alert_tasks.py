@@ -10,36 +10,47 @@ from typing import Any
 
 from celery import shared_task
 
+from .tasks import SupervisedTask
+
 logger = logging.getLogger("supervisor_app.alerts")
 
 
-@shared_task(name="supervisor_app.deliver_webhook", ignore_result=True)
-def deliver_webhook(payload: dict[str, Any], policy_id: int | None = None) -> int | None:
+@shared_task(
+    base=SupervisedTask,
+    bind=True,
+    name="supervisor_app.deliver_webhook",
+    ignore_result=True,
+    # An endpoint that is down for minutes: the attempts are spread over about ten minutes (full
+    # jitter below 30 s, 60 s, 120 s, 240 s). Change them with CELERY_TASK_ANNOTATIONS.
+    max_attempts=5,
+    backoff=30.0,
+    backoff_max=600.0,
+    non_retryable_exceptions=(ValueError,),
+)
+def deliver_webhook(self: SupervisedTask, payload: dict[str, Any], policy_id: int | None = None) -> int | None:
     """POST one alert to the webhook of a policy (or ``SUPERVISOR_ALERT_WEBHOOK_URL``).
 
-    The URL is looked up here, not carried in the message, so no token sits in the broker or in a
-    worker's log of task arguments. Timeout and retries come from the ``SUPERVISOR_ALERT_WEBHOOK_*``
-    settings. A delivery that fails for good is logged (URL redacted) and dropped: alerting must not
-    pile up retries in the broker during the very outage it reports.
+    The URL is looked up here, not carried in the message, so no token sits in the broker, in the
+    run's arguments or in a worker's log. Timeout and quick retries come from the
+    ``SUPERVISOR_ALERT_WEBHOOK_*`` settings; past them the run is retried by the supervisor with
+    the backoff above (held in the database, so nothing piles up in the broker during the outage
+    the alert reports), and a delivery that fails for good ends the run ``dead`` or ``failed``
+    (a 4xx answer, an invalid URL), which is alerted by e-mail. The URL is redacted everywhere.
     """
-    from .alerts import WebhookError, post_json, redact_url, webhook_url_for
+    from .alerts import post_json, redact_url, webhook_url_for
     from .conf import supervisor_settings as s
 
     url = webhook_url_for(policy_id)
     if not url:
         logger.warning("webhook alert %s dropped: no webhook URL is configured any more", payload.get("event"))
         return None
-    try:
-        status = post_json(
-            url,
-            payload,
-            timeout=float(s.ALERT_WEBHOOK_TIMEOUT),
-            retries=int(s.ALERT_WEBHOOK_RETRIES),
-            backoff=float(s.ALERT_WEBHOOK_BACKOFF),
-        )
-    except (WebhookError, ValueError) as exc:
-        logger.error("webhook alert %s not delivered: %s", payload.get("event"), exc)
-        return None
+    status = post_json(
+        url,
+        payload,
+        timeout=float(s.ALERT_WEBHOOK_TIMEOUT),
+        retries=int(s.ALERT_WEBHOOK_RETRIES),
+        backoff=float(s.ALERT_WEBHOOK_BACKOFF),
+    )
     logger.info("webhook alert %s delivered to %s (HTTP %s)", payload.get("event"), redact_url(url), status)
     return status
 

@@ -7,8 +7,11 @@ Receivers of ``run_dead``, ``run_failed``, ``run_missed`` and ``run_recovered`` 
 - **e-mail** is sent in the process that saw the event (it still works when the broker is the thing
   that is down; set Django's ``EMAIL_TIMEOUT`` so a slow mail server cannot hold a sweep for long);
 - **webhook** requests are sent by the ``supervisor_app.deliver_webhook`` task (timeout, retries with
-  backoff), so a sweep never waits on someone else's HTTP endpoint. The URL never travels in the
-  message nor appears in logs: the task looks it up again from the policy or the setting.
+  backoff), so a sweep never waits on someone else's HTTP endpoint. That task is itself supervised:
+  each alert is a recorded run, recovered if its worker dies, retried with backoff while the
+  endpoint is down (held in the database, not the broker), visible in the admin, and alerted by
+  e-mail when it fails for good. The URL never travels in the message nor appears in logs: the task
+  looks it up again from the policy or the setting.
 
 Each channel may send ``SUPERVISOR_ALERT_RATE_LIMIT`` alerts per ``SUPERVISOR_ALERT_RATE_WINDOW``.
 The counter is a row per (channel, window) updated conditionally (``sent < limit``), so several
@@ -26,13 +29,14 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from datetime import timezone as dt_timezone
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from .conf import supervisor_settings
+from .states import NonRetryable
 
 if TYPE_CHECKING:
     from .models import SupervisedRun
@@ -40,6 +44,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("supervisor_app.alerts")
 
+#: The supervised task that POSTs webhook alerts (``alert_tasks.deliver_webhook``).
+WEBHOOK_TASK = "supervisor_app.deliver_webhook"
 #: Events a schedule (or the settings) can choose to be alerted about.
 EVENTS: tuple[str, ...] = ("dead", "failed", "missed", "recovered")
 #: Only so much of an error message goes into an alert.
@@ -49,7 +55,11 @@ KEEP_WINDOWS = timedelta(days=2)
 
 
 class WebhookError(Exception):
-    """A webhook delivery failed for good (after its retries, or with a non-retryable answer)."""
+    """A webhook delivery failed (after its in-task retries): the supervisor retries the run later."""
+
+
+class WebhookRefused(WebhookError, NonRetryable):
+    """The webhook answered 4xx (not 429): asking again won't help, the delivery run fails at once."""
 
 
 # --------------------------------------------------------------------------- pure helpers
@@ -124,9 +134,10 @@ def post_json(
             with urllib.request.urlopen(request, timeout=timeout) as response:  # the scheme is checked above
                 return int(response.status)
         except urllib.error.HTTPError as exc:
+            exc.close()  # it holds the response's socket
             error = f"HTTP {exc.code}"
             if exc.code < 500 and exc.code != 429:
-                raise WebhookError(f"{redact_url(url)} refused the alert: {error}") from None
+                raise WebhookRefused(f"{redact_url(url)} refused the alert: {error}") from None
         except (urllib.error.URLError, TimeoutError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
             error = f"{type(reason).__name__}: {reason}".replace(url, redact_url(url))
@@ -335,6 +346,10 @@ def notify(event: str, runs: Sequence[SupervisedRun], reason: str = "") -> dict[
     """Alert about ``runs`` (all of one schedule) if their routes want ``event``. Never raises."""
     try:
         routes = routes_for(runs[0].periodic_task_id)
+        if runs[0].task_name == WEBHOOK_TASK:
+            # An alert delivery that failed is told by e-mail and the log only: sent to the webhook
+            # that is failing, it would fail too, and alert again, without end.
+            routes = replace(routes, webhook_url="")
         if event not in routes.events or not (routes.recipients or routes.webhook_url):
             return {}
         return dispatch(build_alert(event, runs, routes.schedule, reason), routes)

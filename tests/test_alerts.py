@@ -290,6 +290,71 @@ def test_broker_down_does_not_break_the_sender(
     assert "could not queue" in caplog.text and TOKEN not in caplog.text
 
 
+# --------------------------------------------------------------------------- supervised delivery
+
+
+def run_attempt(task: Any, run_id: int, number: int, *args: Any) -> Any:
+    """Execute attempt ``number`` of a run in this process, as a worker would on its message."""
+    from supervisor_app import services
+
+    headers = {services.HEADER_RUN: run_id, services.HEADER_ATTEMPT: number}
+    task.push_request(id=f"{run_id}.{number}", hostname="w@test", called_directly=False, is_eager=False, **headers)
+    try:
+        return task(*args)
+    finally:
+        task.pop_request()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_webhook_alert_is_a_supervised_run_retried_until_delivered(
+    hook: Hook, quick: Any, sent: list[Any], mailoutbox: list[Any]
+) -> None:
+    """The endpoint is down: the delivery is not dropped, the supervisor retries it from the database."""
+    from supervisor_app.alert_tasks import deliver_webhook
+    from supervisor_app.supervisor import run_sweep
+
+    quick.SUPERVISOR_ALERT_WEBHOOK_URL = hook.url
+    assert alerts.notify("dead", [make_run()]) == {"webhook": "queued"}
+    delivery = SupervisedRun.objects.get(task_name=alerts.WEBHOOK_TASK)
+    assert sent == [(delivery.pk, 1, alerts.WEBHOOK_TASK)]
+    assert TOKEN not in json.dumps([delivery.args, delivery.kwargs, delivery.options])  # looked up by the task
+    hook.script = [500, 502, 503]  # every quick retry of attempt 1 fails
+    with pytest.raises(alerts.WebhookError):
+        run_attempt(deliver_webhook, delivery.pk, 1, *delivery.args)
+    delivery.refresh_from_db()
+    assert delivery.status == RunStatus.RETRYING and delivery.max_attempts == 5
+    assert "failed after 3 tries: HTTP 503" in delivery.last_error and TOKEN not in delivery.last_error
+    SupervisedRun.objects.filter(pk=delivery.pk).update(next_check_at=datetime(2020, 1, 1, tzinfo=dt_timezone.utc))
+    run_sweep("t")
+    assert sent[-1] == (delivery.pk, 2, alerts.WEBHOOK_TASK)
+    assert run_attempt(deliver_webhook, delivery.pk, 2, *delivery.args) == 200  # the endpoint is back
+    delivery.refresh_from_db()
+    assert delivery.status == RunStatus.SUCCEEDED
+    assert [p["event"] for p in hook.received] == ["dead"] * 4
+    assert mailoutbox == []
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_refused_webhook_alert_fails_at_once_and_is_alerted_by_mail_only(
+    hook: Hook, quick: Any, sent: list[Any], mailoutbox: list[Any]
+) -> None:
+    from supervisor_app.alert_tasks import deliver_webhook
+
+    quick.SUPERVISOR_ALERT_WEBHOOK_URL = hook.url
+    quick.SUPERVISOR_ALERT_RECIPIENTS = ["ops@example.com"]
+    alerts.notify("dead", [make_run()])
+    delivery = SupervisedRun.objects.get(task_name=alerts.WEBHOOK_TASK)
+    hook.script = [401]
+    with pytest.raises(alerts.WebhookRefused):
+        run_attempt(deliver_webhook, delivery.pk, 1, *delivery.args)
+    delivery.refresh_from_db()
+    assert (delivery.status, delivery.attempt, len(hook.received)) == (RunStatus.FAILED, 1, 1)
+    # Alerted like any failed run, but not through the failing webhook (that would loop).
+    assert len(mailoutbox) == 2 and f"run {delivery.pk} failed" in mailoutbox[1].subject
+    assert SupervisedRun.objects.filter(task_name=alerts.WEBHOOK_TASK).count() == 1
+    assert TOKEN not in mailoutbox[1].body
+
+
 # --------------------------------------------------------------------------- rate limit and digest
 
 
