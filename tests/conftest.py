@@ -92,9 +92,9 @@ class Live:
         self.procs.append(proc)
         return proc
 
-    def worker(self, name: str, concurrency: int = 1, wait: bool = True, **env: str) -> Proc:
+    def worker(self, name: str, concurrency: int = 1, wait: bool = True, pool: str = "prefork", **env: str) -> Proc:
         proc = self._track(
-            spawn_worker(name, self.log_dir, {**self.env, **env}, concurrency=concurrency, queues=self.queue)
+            spawn_worker(name, self.log_dir, {**self.env, **env}, concurrency=concurrency, pool=pool, queues=self.queue)
         )
         if wait:
             proc.wait_for_output("ready.", timeout=60)
