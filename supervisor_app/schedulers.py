@@ -19,16 +19,17 @@ from __future__ import annotations
 
 import copy
 import heapq
+import json
 import logging
 import time
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
-from celery import schedules
+from celery import current_app, schedules
 from celery.beat import event_t
 from django.db.models import F, Q
-from django_celery_beat.models import PeriodicTask
+from django_celery_beat.models import CrontabSchedule, PeriodicTask
 from django_celery_beat.schedulers import DatabaseScheduler, ModelEntry
 
 from . import scheduling, slots
@@ -50,7 +51,23 @@ class SupervisedEntry(ModelEntry):  # type: ignore[misc]
     def __init__(
         self, model: PeriodicTask, app: Any = None, *, definition: scheduling.ScheduleDef, cursor: datetime
     ) -> None:
-        super().__init__(model, app=app)
+        # ModelEntry's attributes, but not its constructor: that parses the schedule (a crontab twice)
+        # and the arguments again for every row, and a load reads thousands. The schedule comes parsed
+        # once per distinct crontab, the arguments from the definition.
+        self.app = app or current_app._get_current_object()  # type: ignore[attr-defined]  # a proxy
+        self.name, self.task, self.model = model.name, model.task, model
+        self.schedule = scheduling.celery_schedule(model)
+        self.args, self.kwargs = definition.args, definition.kwargs
+        self.options = dict(definition.options)
+        if getattr(model, "expires_", None):
+            self.options["expires"] = model.expires_
+        self.options["headers"] = {**json.loads(model.headers or "{}"), "periodic_task_name": model.name}
+        self.total_run_count = model.total_run_count
+        if not model.last_run_at:  # as ModelEntry (informational here: slots come from the cursor)
+            model.last_run_at = model.date_changed or self._default_now()
+            if model.start_time:
+                model.last_run_at -= timedelta(days=365 * 30)
+        self.last_run_at = model.last_run_at
         self.definition = definition
         #: Slots up to here are decided (recorded by this or another beat, or by the supervisor).
         self.cursor = cursor
@@ -128,18 +145,29 @@ class SupervisedScheduler(DatabaseScheduler):  # type: ignore[misc]
         names = list(self.supervised_names())
         qs = self.Model.objects.enabled().filter(Q(pk__in=super().enabled_models_qs().values("pk")) | Q(task__in=names))
         # One query for the schedules and policies instead of one per row and relation.
-        return qs.select_related("interval", "crontab", "solar", "clocked", "supervision").annotate(
-            last_slot=scheduling.last_slot_subquery()
+        # (enabled() also prefetches the schedules: a second walk over every row, which the join
+        # already did, so it is dropped.)
+        return (
+            qs.select_related("interval", "crontab", "solar", "clocked", "supervision")
+            .prefetch_related(None)
+            .annotate(last_slot=scheduling.last_slot_subquery())
         )
+
+    def _get_unique_timezone_names(self) -> Any:
+        # The parent builds one CASE branch per name returned here, but its DISTINCT also covers the
+        # model's default ordering: one name per crontab row, thousands of branches on a large table
+        # (django-celery-beat issue #947). Without the ordering, one per time zone.
+        return CrontabSchedule.objects.order_by().values_list("timezone", flat=True).distinct()
 
     def all_as_schedule(self) -> dict[str, Any]:
         names = self.supervised_names()
         now = utcnow()
+        defaults = scheduling.PolicyDefaults.read()
         entries: dict[str, Any] = {}
         for model in self.enabled_models():
             try:
                 if model.task in names:
-                    definition = scheduling.definition_for(model, self.app.tasks[model.task])
+                    definition = scheduling.definition_for(model, self.app.tasks[model.task], defaults)
                     cursor = scheduling.cursor_for(definition, model.last_slot, now)
                     entries[model.name] = SupervisedEntry(model, app=self.app, definition=definition, cursor=cursor)
                 else:

@@ -14,8 +14,9 @@ import logging
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta
-from typing import TYPE_CHECKING, Any, cast
+from datetime import date, datetime, timedelta, tzinfo
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 from zoneinfo import ZoneInfo
 
 from django.db import connection, transaction
@@ -29,7 +30,8 @@ from .models import ProcessHeartbeat, SupervisedRun, SupervisionPolicy
 from .states import ACTIVE_STATUSES, RunStatus
 
 if TYPE_CHECKING:
-    from django_celery_beat.models import PeriodicTask
+    from celery.schedules import crontab
+    from django_celery_beat.models import CrontabSchedule, PeriodicTask
 
     from .supervisor import SweepReport
 
@@ -92,22 +94,89 @@ def _celery_solar(event: str, latitude: float, longitude: float, day: date) -> d
     return at if at.astimezone(slots.UTC).date() == day else None
 
 
+class ParsedCrontab(NamedTuple):
+    """A crontab parsed once: Celery's schedule (the beat entry's) and the slot rule made from it."""
+
+    celery: crontab
+    rule: slots.Crontab
+
+
+#: Distinct crontabs kept parsed (4 to 12 KB each). Schedules usually share a few crontabs; the bound
+#: keeps crontabs edited again and again in the admin from growing a long-running beat's memory. With
+#: more distinct crontabs than this, each schedule's is still parsed once per load, not four times.
+CRONTAB_CACHE_SIZE = 1024
+
+
+@lru_cache(maxsize=CRONTAB_CACHE_SIZE)
+def parse_crontab(
+    minute: str,
+    hour: str,
+    day_of_week: str,
+    day_of_month: str,
+    month_of_year: str,
+    tz: tzinfo,
+    tz_aware: bool = True,
+) -> ParsedCrontab:
+    """Parse a crontab once for every schedule that has these values (cached on the values).
+
+    Parsing is most of the cost of loading a schedule: the beat reloads every schedule whenever one
+    changes, and django-celery-beat's ``CrontabSchedule.schedule`` parses the fields twice per call.
+    ``tz_aware`` is django-celery-beat's ``DJANGO_CELERY_BEAT_TZ_AWARE``: its ``TzAwareCrontab``, else a
+    plain Celery crontab, as that property returns. Both are immutable once built, so entries share one.
+    """
+    from celery.schedules import crontab
+    from django_celery_beat.tzcrontab import TzAwareCrontab
+
+    fields = {
+        "minute": minute,
+        "hour": hour,
+        "day_of_week": day_of_week,
+        "day_of_month": day_of_month,
+        "month_of_year": month_of_year,
+    }
+    # Any: celery-types does not declare the parsed sets (``minute`` etc.) of a crontab.
+    cron: Any = TzAwareCrontab(**fields, tz=tz) if tz_aware else crontab(**fields)
+    rule = slots.Crontab(
+        minutes=frozenset(cron.minute),
+        hours=frozenset(cron.hour),
+        days_of_week=frozenset(cron.day_of_week),
+        days_of_month=frozenset(cron.day_of_month),
+        months=frozenset(cron.month_of_year),
+        tz=tz,
+    )
+    return ParsedCrontab(cron, rule)
+
+
+def parsed_crontab(row: CrontabSchedule) -> ParsedCrontab:
+    """The parsed form of a crontab row, by its values (an edited row gets a new one)."""
+    from django.conf import settings
+
+    tz = row.timezone
+    return parse_crontab(
+        row.minute,
+        row.hour,
+        row.day_of_week,
+        row.day_of_month,
+        row.month_of_year,
+        ZoneInfo(tz) if isinstance(tz, str) else tz,
+        bool(getattr(settings, "DJANGO_CELERY_BEAT_TZ_AWARE", True)),
+    )
+
+
+def celery_schedule(pt: PeriodicTask) -> Any:
+    """``pt.schedule`` (Celery's schedule of a periodic task), a crontab's parsed only once."""
+    if pt.crontab_id:
+        return parsed_crontab(pt.crontab).celery
+    return pt.schedule
+
+
 def rule_for(pt: PeriodicTask) -> slots.Rule:
     """The pure slot rule of a django-celery-beat schedule."""
     if pt.interval_id:
         every: timedelta = pt.interval.schedule.run_every
         return slots.Interval(every, pt.start_time or slots.EPOCH)
     if pt.crontab_id:
-        cron = pt.crontab.schedule
-        tz = pt.crontab.timezone
-        return slots.Crontab(
-            minutes=frozenset(cron.minute),
-            hours=frozenset(cron.hour),
-            days_of_week=frozenset(cron.day_of_week),
-            days_of_month=frozenset(cron.day_of_month),
-            months=frozenset(cron.month_of_year),
-            tz=tz if not isinstance(tz, str) else ZoneInfo(tz),
-        )
+        return parsed_crontab(pt.crontab).rule
     if pt.solar_id:
         return slots.Solar(pt.solar.event, float(pt.solar.latitude), float(pt.solar.longitude), _celery_solar)
     if pt.clocked_id:
@@ -122,11 +191,48 @@ def _policy_row(pt: PeriodicTask) -> SupervisionPolicy | None:
         return None
 
 
-def definition_for(pt: PeriodicTask, task: Any) -> ScheduleDef:
-    """Resolve a supervised periodic task: its rule, its policy (row, else settings), its run policy."""
-    s = supervisor_settings
+@dataclass
+class PolicyDefaults:
+    """The settings a schedule's policy falls back on, read once for a load of many schedules (the
+    beat's, a sweep's) instead of a dozen settings lookups per schedule. Read when the load starts,
+    never at import, so changed settings apply from the next load."""
+
+    alert_grace: float | None
+    catch_up: str
+    catch_up_window: float | None
+    overlap: str
+    start_window: float | None
+    alert_recipients: tuple[str, ...]
+    #: ``task.run_policy()`` of the tasks met so far.
+    run_policies: dict[Any, services.RunPolicy] = field(default_factory=dict)
+
+    @classmethod
+    def read(cls) -> PolicyDefaults:
+        s = supervisor_settings
+        return cls(
+            alert_grace=s.ALERT_GRACE,
+            catch_up=s.CATCH_UP,
+            catch_up_window=s.CATCH_UP_WINDOW,
+            overlap=s.OVERLAP,
+            start_window=s.START_WINDOW,
+            alert_recipients=tuple(s.ALERT_RECIPIENTS),
+        )
+
+    def run_policy(self, task: Any) -> services.RunPolicy:
+        policy = self.run_policies.get(task)
+        if policy is None:
+            policy = self.run_policies[task] = task.run_policy()
+        return policy
+
+
+def definition_for(pt: PeriodicTask, task: Any, defaults: PolicyDefaults | None = None) -> ScheduleDef:
+    """Resolve a supervised periodic task: its rule, its policy (row, else settings), its run policy.
+
+    ``defaults``: the settings read once for many schedules (by default, read now).
+    """
+    s = defaults or PolicyDefaults.read()
     row = _policy_row(pt)
-    base = task.run_policy()
+    base = s.run_policy(task)
     run_policy = services.RunPolicy(
         max_attempts=(row.max_attempts if row and row.max_attempts else base.max_attempts),
         lease_timeout=(row.lease_timeout.total_seconds() if row and row.lease_timeout else base.lease_timeout),
@@ -134,13 +240,13 @@ def definition_for(pt: PeriodicTask, task: Any) -> ScheduleDef:
         max_runtime=(row.max_runtime.total_seconds() if row and row.max_runtime else base.max_runtime),
     )
     policy = slots.SchedulePolicy(
-        grace=_duration(row.alert_grace if row else None, s.ALERT_GRACE) or timedelta(0),
-        catch_up=cast(slots.CatchUpPolicy, row.catch_up if row and row.catch_up else s.CATCH_UP),
-        catch_up_window=_duration(row.catch_up_window if row else None, s.CATCH_UP_WINDOW) or timedelta(0),
-        overlap=cast(slots.OverlapPolicy, row.overlap if row and row.overlap else s.OVERLAP),
-        start_window=_duration(row.start_window if row else None, s.START_WINDOW),
+        grace=_duration(row.alert_grace if row else None, s.alert_grace) or timedelta(0),
+        catch_up=cast(slots.CatchUpPolicy, row.catch_up if row and row.catch_up else s.catch_up),
+        catch_up_window=_duration(row.catch_up_window if row else None, s.catch_up_window) or timedelta(0),
+        overlap=cast(slots.OverlapPolicy, row.overlap if row and row.overlap else s.overlap),
+        start_window=_duration(row.start_window if row else None, s.start_window),
     )
-    recipients = tuple(row.recipients() if row and row.alert_recipients else s.ALERT_RECIPIENTS)
+    recipients = tuple(row.recipients()) if row and row.alert_recipients else s.alert_recipients
     options = {
         k: getattr(pt, k) for k in ("queue", "exchange", "routing_key", "priority") if getattr(pt, k) is not None
     }
@@ -521,9 +627,10 @@ def sweep_schedules(report: SweepReport, deadline: float) -> None:
 
     now = db_now()
     definitions: list[tuple[ScheduleDef, datetime | None]] = []
+    defaults = PolicyDefaults.read()
     for pt in supervised_periodic_tasks(names):
         try:
-            definitions.append((definition_for(pt, current_app.tasks[pt.task]), pt.last_slot))
+            definitions.append((definition_for(pt, current_app.tasks[pt.task], defaults), pt.last_slot))
         except Exception:  # one broken schedule must not hide the others
             logger.exception("schedule %r cannot be supervised", pt.name)
     counts = check_schedules(now, definitions, deadline)

@@ -15,7 +15,7 @@ from django.db.models import Count, F
 from django.utils import timezone
 from django_celery_beat.models import CrontabSchedule, IntervalSchedule, PeriodicTask
 
-from supervisor_app import scheduling, services, signals
+from supervisor_app import scheduling, services, signals, slots
 from supervisor_app.models import SupervisedRun, SupervisionPolicy
 from supervisor_app.states import RunStatus
 from supervisor_app.supervisor import run_sweep
@@ -342,6 +342,123 @@ def test_scheduler_ticks_record_slots_and_liveness(sent: list[Any]) -> None:
     # The heap is not rebuilt (no O(N) comparison) unless the database schedule changed.
     assert scheduler.schedules_equal(scheduler.old_schedulers, scheduler.schedule)
     scheduler.close()
+
+
+# --------------------------------------------------------------------------- loading many schedules
+
+
+def crontab_schedule(minute: str = "0", hour: str = "*", tz: str = "Europe/Paris") -> PeriodicTask:
+    cron = CrontabSchedule.objects.create(minute=minute, hour=hour, timezone=tz)
+    return PeriodicTask.objects.create(name=f"c-{time.monotonic_ns()}", task="project.tasks.noop", crontab=cron)
+
+
+def loaded(scheduler: Any) -> dict[str, Any]:
+    """The scheduler's entries as a load reads them (no default entries, no heap)."""
+    return dict(scheduler.all_as_schedule())
+
+
+def test_schedules_with_equal_crontab_values_share_one_parse(monkeypatch: Any) -> None:
+    from celery.schedules import crontab
+
+    from supervisor_app.schedulers import SupervisedEntry, SupervisedScheduler
+
+    # Two rows with the same values (the admin makes such duplicates), one row with others.
+    a, b, c = crontab_schedule(), crontab_schedule(), crontab_schedule(minute="30")
+    assert a.crontab_id != b.crontab_id
+    scheduling.supervised_task_names(current_app)
+    scheduling.parse_crontab.cache_clear()
+    parses: list[str] = []
+    parse = crontab.__init__
+
+    def counted(self: Any, *args: Any, **kwargs: Any) -> None:
+        parses.append(kwargs.get("minute", args[0] if args else "*"))
+        parse(self, *args, **kwargs)
+
+    monkeypatch.setattr(crontab, "__init__", counted)
+    entries = loaded(SupervisedScheduler(app=current_app, lazy=True))
+    # One parse per distinct crontab, however many rows and schedules (it was four per schedule:
+    # two by django-celery-beat's entry, two by the slot rule).
+    assert sorted(parses) == ["0", "30"]
+    ea, eb, ec = (entries[pt.name] for pt in (a, b, c))
+    assert all(isinstance(e, SupervisedEntry) for e in (ea, eb, ec))
+    assert ea.definition.rule is eb.definition.rule and ea.schedule is eb.schedule
+    assert ec.definition.rule != ea.definition.rule
+    monkeypatch.undo()
+    # The same values as parsing each row, as before: Celery's schedule and the slot rule built from it.
+    for entry, pt in ((ea, a), (ec, c)):
+        assert entry.schedule == pt.crontab.schedule and entry.schedule.tz == pt.crontab.timezone
+        assert entry.definition.rule.minutes == frozenset(pt.crontab.schedule.minute)
+        assert entry.definition.rule.tz == pt.crontab.timezone
+    assert define(a).rule is ea.definition.rule  # the sweep's definitions share it too
+
+
+def test_an_edited_crontab_gets_a_new_rule() -> None:
+    pt = crontab_schedule(minute="0", tz="Europe/Paris")
+    before = define(pt).rule
+    CrontabSchedule.objects.filter(pk=pt.crontab_id).update(minute="15")
+    edited = define(pt).rule
+    assert isinstance(edited, slots.Crontab) and edited.minutes == {15} and before.minutes == {0}
+    CrontabSchedule.objects.filter(pk=pt.crontab_id).update(timezone="America/New_York")
+    moved = define(pt).rule
+    assert isinstance(moved, slots.Crontab) and str(moved.tz) == "America/New_York" and moved.minutes == {15}
+    # Back to the first values: the first parse again (keyed on the values, not on the row).
+    CrontabSchedule.objects.filter(pk=pt.crontab_id).update(minute="0", timezone="Europe/Paris")
+    assert define(pt).rule is before
+
+
+def test_the_crontab_cache_is_bounded() -> None:
+    info = scheduling.parse_crontab.cache_info()
+    assert info.maxsize == scheduling.CRONTAB_CACHE_SIZE
+    first = scheduling.parse_crontab("0", "0", "*", "*", "*", slots.UTC)
+    # An admin editing crontabs for ever: more distinct values than the cache holds.
+    for n in range(scheduling.CRONTAB_CACHE_SIZE + 1):
+        scheduling.parse_crontab(str(n % 60), str(n // 60 % 24), str(n // 1440 % 7), "*", "*", slots.UTC)
+    assert scheduling.parse_crontab.cache_info().currsize == scheduling.CRONTAB_CACHE_SIZE
+    again = scheduling.parse_crontab("0", "0", "*", "*", "*", slots.UTC)
+    assert again is not first and again.rule == first.rule  # evicted, then parsed anew (equal)
+
+
+def test_a_supervised_entry_has_the_attributes_django_celery_beat_gives_an_entry() -> None:
+    from django_celery_beat.schedulers import ModelEntry
+
+    from supervisor_app.schedulers import SupervisedEntry
+
+    pt = crontab_schedule()
+    PeriodicTask.objects.filter(pk=pt.pk).update(
+        args="[1, 2]", kwargs='{"a": 1}', queue="q", priority=3, headers='{"h": "v"}', expire_seconds=60
+    )
+    ours = SupervisedEntry(
+        fresh := PeriodicTask.objects.select_related("crontab").get(pk=pt.pk),
+        app=current_app,
+        definition=define(pt),
+        cursor=T0,
+    )
+    theirs = ModelEntry(PeriodicTask.objects.select_related("crontab").get(pk=pt.pk), app=current_app)
+    for attr in ("name", "task", "schedule", "args", "kwargs", "options", "total_run_count", "last_run_at"):
+        assert getattr(ours, attr) == getattr(theirs, attr), attr
+    assert ours.model is fresh and ours.app is theirs.app
+
+
+def test_the_load_query_has_one_time_zone_branch_per_time_zone() -> None:
+    from supervisor_app.schedulers import SupervisedScheduler
+
+    for minute in range(5):
+        crontab_schedule(minute=str(minute), tz="Asia/Tokyo")
+    crontab_schedule(tz="UTC")
+    names = SupervisedScheduler(app=current_app, lazy=True)._get_unique_timezone_names()
+    assert sorted(str(tz) for tz in names) == ["Asia/Tokyo", "UTC"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_each_load_reads_the_settings_again(settings: Any) -> None:
+    from supervisor_app.schedulers import SupervisedScheduler
+
+    pt = make_schedule()
+    scheduler = SupervisedScheduler(app=current_app, lazy=True)
+    settings.SUPERVISOR_CATCH_UP = "none"
+    assert loaded(scheduler)[pt.name].definition.policy.catch_up == "none"
+    settings.SUPERVISOR_CATCH_UP = "all"
+    assert loaded(scheduler)[pt.name].definition.policy.catch_up == "all"
 
 
 # --------------------------------------------------------------------------- the beat's batch
