@@ -457,6 +457,9 @@ def _send(
         retry=True,
         retry_policy=RETRY_POLICY,
         producer=producer,
+        # Whatever the app's task_serializer: a run's arguments are stored as JSON and travel as
+        # JSON, never pickle (a worker accepting pickle would run code from anyone who can publish).
+        serializer="json",
         **(options or {}),
     )
 

@@ -69,6 +69,26 @@ def test_pickle_is_refused(settings: Any) -> None:
     assert ids(check_celery()) == ["supervisor_app.E010", "supervisor_app.E011"]
 
 
+def test_attempts_are_published_as_json_whatever_the_task_serializer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The check stops `manage.py` with pickle configured, but a worker or beat does not run checks:
+    the publisher itself insists on JSON."""
+    from unittest.mock import MagicMock
+
+    from celery import current_app
+
+    from supervisor_app import services
+
+    seen: list[Any] = []
+
+    def capture(producer: Any, name: str, message: Any, **options: Any) -> None:
+        seen.append(options.get("serializer"))
+
+    monkeypatch.setitem(current_app.conf, "task_serializer", "pickle")
+    monkeypatch.setattr(current_app.amqp, "send_task_message", capture)
+    services._send(7, 1, "project.tasks.noop", [], {}, {}, "7.1", producer=MagicMock())
+    assert seen == ["json"]
+
+
 @pytest.mark.parametrize(
     ("heartbeat", "warned"), [(None, True), (0, True), (60.0, True), (20.0, False), ("absent", True)]
 )
