@@ -59,6 +59,10 @@ class Chaos:
         self.beats: list[Proc] = []
         self.log: list[str] = []
         self.counts: Counter[str] = Counter()
+        #: Processes the harness killed on purpose (and replaced at once).
+        self.killed: set[str] = set()
+        #: Processes that exited on their own, restarted by :meth:`respawn`.
+        self.crashed: list[str] = []
         self.n = 0
         self.redis = current_app.conf.broker_url.startswith("redis")
 
@@ -104,12 +108,31 @@ class Chaos:
         if len(self.log) > before:  # some faults need a victim (a second live worker, ...)
             self.counts[kind] += 1
 
+    def respawn(self) -> None:
+        """What a process manager (systemd ``Restart=always``, Kubernetes) does for a process that
+        exited on its own: start another. Seen here: Celery workers on Redis exit on some broker
+        restarts (kombu, while restoring unacknowledged messages: "Unrecoverable error:
+        AttributeError(\"'NoneType' object has no attribute 'hostname'\")"), all at once."""
+        for procs, add in (
+            (self.workers, self.add_worker),
+            (self.supervisors, self.add_supervisor),
+            (self.beats, self.add_beat),
+        ):
+            for proc in list(procs):
+                code = proc.popen.poll()
+                if code is not None and proc.name not in self.killed:
+                    self.killed.add(proc.name)
+                    self.crashed.append(proc.name)
+                    add()
+                    self.log.append(f"{proc.name} exited on its own (exit code {code}), restarted")
+
     # -- processes
 
     def kill_worker(self) -> None:
         workers = self.alive(self.workers)
         if len(workers) > 1:
             victim = self.rng.choice(workers)
+            self.killed.add(victim.name)
             victim.kill()
             self.add_worker()
             self.log.append(f"SIGKILL {victim.name}")
@@ -136,6 +159,7 @@ class Chaos:
         sups = self.alive(self.supervisors)
         if sups:
             victim = self.rng.choice(sups)
+            self.killed.add(victim.name)
             victim.kill()
             self.add_supervisor()
             self.log.append(f"SIGKILL {victim.name}")
@@ -144,6 +168,7 @@ class Chaos:
         beats = self.alive(self.beats)
         if beats:
             victim = self.rng.choice(beats)
+            self.killed.add(victim.name)
             victim.kill()
             self.add_beat()
             self.log.append(f"SIGKILL {victim.name}")
@@ -253,10 +278,15 @@ def test_chaos(live: Live, capsys: Any) -> None:
         if time.monotonic() >= next_fault:
             chaos.fault()
             next_fault = time.monotonic() + rng.uniform(0.5, 2.0)
+        chaos.respawn()
     # Faults go on while the backlog drains, then the system settles.
+    draining = time.monotonic() + 300
     while SupervisedRun.objects.filter(pk__in=run_ids, status__in=["queued", "running"]).count() > RUNS // 5:
+        assert time.monotonic() < draining, f"the backlog did not drain in 300 s; faults: {'; '.join(chaos.log)}"
         chaos.fault()
+        chaos.respawn()
         time.sleep(rng.uniform(0.5, 2.0))
+    chaos.respawn()
     for beat in chaos.beats:
         beat.stop()
     for procs, add in ((chaos.supervisors, chaos.add_supervisor), (chaos.workers, chaos.add_worker)):
@@ -276,7 +306,8 @@ def test_chaos(live: Live, capsys: Any) -> None:
         f"chaos on {broker}, seed {SEED}",
         f"{RUNS} runs + {len(scheduled)} from two racing beats; {len(chaos.log)} faults, "
         f"{len(scripted)} of them at fixed points "
-        f"({', '.join(f'{k} x{n}' for k, n in sorted(chaos.counts.items()))})",
+        f"({', '.join(f'{k} x{n}' for k, n in sorted(chaos.counts.items()))})"
+        + (f"; {len(chaos.crashed)} processes exited on their own and were restarted" if chaos.crashed else ""),
         verdict,
     )
     verdict.assert_ok()
