@@ -88,10 +88,10 @@ def purge(queue: str = QUEUE, broker: str | None = None) -> None:
 def reset() -> None:
     """Empty the run tables with plain DELETEs: ``QuerySet.delete()`` collects every related row in
     Python first (minutes after the beat case's 10,000 runs)."""
-    from supervisor_app.models import Effect
+    from supervisor_app.models import AdoptedMessage, Effect
 
     with connection.cursor() as cursor:
-        for model in (Effect, RunAttempt, SupervisedRun, Execution):
+        for model in (AdoptedMessage, Effect, RunAttempt, SupervisedRun, Execution):
             cursor.execute(f"DELETE FROM {model._meta.db_table}")
     purge()
 

@@ -37,7 +37,7 @@ from django_celery_beat.models import PeriodicTask
 
 from . import dashboard, services
 from .conf import supervisor_settings
-from .models import ProcessHeartbeat, RunAttempt, SupervisedRun
+from .models import AdoptedMessage, ProcessHeartbeat, RunAttempt, SupervisedRun
 from .states import AttemptOutcome, RunStatus
 
 #: The changelist counts at most this many matching rows (``SELECT COUNT(*) FROM (… LIMIT n)``), so
@@ -299,7 +299,7 @@ class SupervisedRunAdmin(admin.ModelAdmin):
                     "attempts",
                     "worker",
                     "task_id",
-                    "adopted_message_id",
+                    "adopted_from",
                     "cancel_requested",
                     "last_error_text",
                     "resolved",
@@ -334,7 +334,7 @@ class SupervisedRunAdmin(admin.ModelAdmin):
         "attempts",
         "worker",
         "task_id",
-        "adopted_message_id",
+        "adopted_from",
         "cancel_requested",
         "last_error_text",
         "resolved",
@@ -431,6 +431,12 @@ class SupervisedRunAdmin(admin.ModelAdmin):
             return "—"
         end = obj.finished_at if obj.finished_at else (timezone.now() if obj.status == RunStatus.RUNNING else None)
         return human_duration(end - obj.started_at) if end else "—"
+
+    @admin.display(description=_("adopted from message"))
+    def adopted_from(self, obj: SupervisedRun) -> str:
+        """The Celery id of the message this run was recorded for by a worker (sent without a run)."""
+        message = AdoptedMessage.objects.filter(run=obj).values_list("message_id", flat=True).first()
+        return message or "—"
 
     @admin.display(description=_("last error"))
     def last_error_text(self, obj: SupervisedRun) -> str:

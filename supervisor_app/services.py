@@ -27,7 +27,7 @@ from django.db.models.sql import InsertQuery, UpdateQuery
 from django.utils import timezone
 
 from . import signals
-from .models import RunAttempt, SupervisedRun
+from .models import AdoptedMessage, RunAttempt, SupervisedRun
 from .states import AttemptOutcome, FailureDecision, RunStatus, republish_delay
 
 logger = logging.getLogger("supervisor_app")
@@ -175,9 +175,11 @@ def create_run(
         except IntegrityError:
             return None  # the slot is recorded already: whoever inserted it publishes it
     elif adopted_message_id is not None:
-        # Its own transaction, so a conflict (IntegrityError, raised) leaves the caller's intact.
+        # Its own transaction, so a conflict (IntegrityError, raised) leaves the caller's intact and
+        # records no run.
         with transaction.atomic(using=router.db_for_write(SupervisedRun)):
-            run = SupervisedRun.objects.create(**fields, adopted_message_id=adopted_message_id)
+            run = SupervisedRun.objects.create(**fields)
+            AdoptedMessage.objects.create(message_id=adopted_message_id, run=run)
     else:
         run = SupervisedRun.objects.create(**fields)
     # The id is known only after the insert; a second short write is avoided by deriving the first

@@ -159,7 +159,7 @@ class SupervisedTask(Task):  # type: ignore[misc]
         """
         from django.db import DatabaseError, IntegrityError
 
-        from .models import SupervisedRun
+        from .models import AdoptedMessage
 
         message_id = str(self.request.id) if self.request.id else None
         try:
@@ -175,7 +175,7 @@ class SupervisedTask(Task):  # type: ignore[misc]
             # Recorded by an earlier delivery of this very message: that run's attempt 1 is this
             # one, and the claim decides whether it still runs (it does only if it never started).
             try:
-                pk = SupervisedRun.objects.filter(adopted_message_id=message_id).values_list("pk", flat=True).first()
+                pk = AdoptedMessage.objects.filter(pk=message_id).values_list("run_id", flat=True).first()
             except DatabaseError as again:
                 self._unsupervised(again)
                 return None

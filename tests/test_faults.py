@@ -323,14 +323,14 @@ def test_a_message_without_a_run_redelivered_after_a_kill_runs_once(live: Live) 
     victim = live.worker("acks-late-victim", CELERY_TASK_ACKS_LATE="1")
     message = current_app.send_task(quiet_job.name, args=[2.0, "redelivered"])
     wait_until(
-        lambda: SupervisedRun.objects.filter(adopted_message_id=message.id, status="running").exists(),
+        lambda: SupervisedRun.objects.filter(adopted_message__message_id=message.id, status="running").exists(),
         60,
         what="the adopted run running on the victim",
     )
     victim.kill()
     other = live.worker("acks-late-other", CELERY_TASK_ACKS_LATE="1")
     wait_until(lambda: "redelivered; adopted before as run" in other.output(), 60, what="the redelivery")
-    run = SupervisedRun.objects.get(adopted_message_id=message.id)
+    run = SupervisedRun.objects.get(adopted_message__message_id=message.id)
     settle([run.pk])
     assert SupervisedRun.objects.filter(task_name=quiet_job.name).count() == 1
     assert Execution.objects.filter(label="redelivered").count() == 1

@@ -173,7 +173,7 @@ def test_a_redelivered_message_without_a_run_is_adopted_once_and_run_once(caplog
     with pytest.raises(Ignore):
         deliver(slow_job, "foreign-1", 0, 0.0, "once")
     run = SupervisedRun.objects.get(task_name=slow_job.name)
-    assert (run.status, run.attempt, run.adopted_message_id) == ("succeeded", 1, "foreign-1")
+    assert (run.status, run.attempt, run.adopted_message.message_id) == ("succeeded", 1, "foreign-1")
     assert Execution.objects.filter(label="once").count() == 1
     assert f"message foreign-1 redelivered; adopted before as run {run.pk}" in caplog.text
     assert deliver(slow_job, "foreign-2", 0, 0.0, "other") == 0  # another message: another run
