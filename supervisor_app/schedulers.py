@@ -172,8 +172,10 @@ class SupervisedScheduler(DatabaseScheduler):  # type: ignore[misc]
                     entries[model.name] = SupervisedEntry(model, app=self.app, definition=definition, cursor=cursor)
                 else:
                     entries[model.name] = self.Entry(model, app=self.app)
-            except ValueError:
-                pass  # as the parent does: a schedule that cannot be read is left out
+            except ValueError as exc:
+                # Left out, as the parent leaves it out, but said: a schedule that silently never
+                # fires is what this app exists to prevent.
+                logger.warning("schedule %r cannot be read (%s); left out", model.name, exc)
             except Exception:
                 logger.exception("schedule %r cannot be loaded; left out", model.name)
         return entries

@@ -392,6 +392,17 @@ def test_schedules_with_equal_crontab_values_share_one_parse(monkeypatch: Any) -
     assert define(a).rule is ea.definition.rule  # the sweep's definitions share it too
 
 
+def test_a_schedule_that_cannot_be_read_is_left_out_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    from supervisor_app.schedulers import SupervisedScheduler
+
+    good, bad = crontab_schedule(), crontab_schedule()
+    PeriodicTask.objects.filter(pk=bad.pk).update(headers="{not json")
+    scheduling.supervised_task_names(current_app)
+    entries = loaded(SupervisedScheduler(app=current_app, lazy=True))
+    assert good.name in entries and bad.name not in entries
+    assert f"schedule {bad.name!r} cannot be read" in caplog.text
+
+
 def test_an_edited_crontab_gets_a_new_rule() -> None:
     pt = crontab_schedule(minute="0", tz="Europe/Paris")
     before = define(pt).rule
