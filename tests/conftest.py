@@ -114,6 +114,16 @@ class Live:
             proc.stop()
 
 
+def deliver(task: Any, message_id: str, *args: Any, **request: Any) -> Any:
+    """Execute ``task`` in this process as a worker would on a message with this Celery id (and the
+    given request attributes, e.g. the run headers; none: a message that carries no run)."""
+    task.push_request(id=message_id, hostname="w@test", called_directly=False, is_eager=False, **request)
+    try:
+        return task(*args)
+    finally:
+        task.pop_request()
+
+
 @pytest.fixture
 def sent(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int, str]]:
     """Capture publishes instead of sending them to a broker (service-level tests)."""

@@ -21,6 +21,7 @@ from django.db import connection
 from supervisor_app import alerts, signals
 from supervisor_app.models import AlertWindow, SupervisedRun, SupervisionPolicy
 from supervisor_app.states import RunStatus
+from tests.conftest import deliver
 
 TOKEN = "s3cr3t-T0KEN"
 
@@ -298,11 +299,7 @@ def run_attempt(task: Any, run_id: int, number: int, *args: Any) -> Any:
     from supervisor_app import services
 
     headers = {services.HEADER_RUN: run_id, services.HEADER_ATTEMPT: number}
-    task.push_request(id=f"{run_id}.{number}", hostname="w@test", called_directly=False, is_eager=False, **headers)
-    try:
-        return task(*args)
-    finally:
-        task.pop_request()
+    return deliver(task, f"{run_id}.{number}", *args, **headers)
 
 
 @pytest.mark.django_db(transaction=True)

@@ -11,6 +11,7 @@ from django.db import OperationalError, ProgrammingError
 from project.tasks import bad_heartbeat, noop
 from supervisor_app import NonRetryable, agent, services
 from supervisor_app.states import LeaseLost, RunCancelled, RunStatus, decide_failure
+from tests.conftest import deliver
 
 
 def test_retry_policy_of_a_task_without_its_own_backoff_uses_the_settings(settings: Any) -> None:
@@ -138,24 +139,11 @@ def test_a_failing_supervisor_logs_one_traceback_per_outage(
 def test_a_message_without_a_run_is_adopted_and_executed_supervised(caplog: pytest.LogCaptureFixture) -> None:
     from supervisor_app.models import RunAttempt, SupervisedRun
 
-    noop.push_request(id="sent-by-another-service", hostname="w@test", called_directly=False, is_eager=False)
-    try:
-        noop()
-    finally:
-        noop.pop_request()
+    deliver(noop, "sent-by-another-service")
     run = SupervisedRun.objects.get(task_name=noop.name)
     assert (run.status, run.attempt, run.publish_count) == ("succeeded", 1, 1)
     assert list(RunAttempt.objects.filter(run=run).values_list("outcome", flat=True)) == ["succeeded"]
     assert f"adopted as run {run.pk}" in caplog.text
-
-
-def deliver(task: Any, message_id: str, *args: Any) -> Any:
-    """Execute ``task`` as a worker would for a message with no run headers and this Celery id."""
-    task.push_request(id=message_id, hostname="w@test", called_directly=False, is_eager=False)
-    try:
-        return task(*args)
-    finally:
-        task.pop_request()
 
 
 @pytest.mark.django_db(transaction=True)
