@@ -44,6 +44,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy supervisor_app project
+	$(BIN)/lint-imports --no-cache --no-logo
 
 clean:
 	rm -rf var .pytest_cache .mypy_cache .ruff_cache build dist *.egg-info
@@ -61,10 +62,10 @@ chaos: $(STAMP)
 	@for seed in $(CHAOS_SEEDS); do \
 		echo "== chaos seed $$seed, RabbitMQ"; \
 		CHAOS_SEED=$$seed CELERY_TASK_DEFAULT_QUEUE=supervisor-chaos $(BIN)/python -m tests.faults.servers -- \
-			$(BIN)/python -m pytest tests/chaos.py -q $(PYTEST_ARGS) || exit 1; \
+			$(BIN)/python -m pytest tests/faults/chaos.py -q $(PYTEST_ARGS) || exit 1; \
 	done; \
 	for seed in $(CHAOS_REDIS_SEEDS); do \
 		echo "== chaos seed $$seed, Redis"; \
 		CHAOS_SEED=$$seed CELERY_TASK_DEFAULT_QUEUE=supervisor-chaos $(BIN)/python -m tests.faults.servers --broker redis -- \
-			$(BIN)/python -m pytest tests/chaos.py -q $(PYTEST_ARGS) || exit 1; \
+			$(BIN)/python -m pytest tests/faults/chaos.py -q $(PYTEST_ARGS) || exit 1; \
 	done

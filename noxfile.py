@@ -31,7 +31,7 @@ CELERY = {"5.3": ["celery>=5.3,<5.4", "kombu>=5.3,<5.4"], "5.7": ["celery>=5.7,<
 COMMON = [
     "django-celery-beat>=2.5",
     "dj-database-url",
-    "psycopg[binary]",  # tests/test_dropin.py imports it (the test itself needs PostgreSQL: deselected)
+    "psycopg[binary]",  # tests/integration/test_dropin.py imports it (the test itself needs PostgreSQL: deselected)
     "prometheus-client",
     "pytest",
     "pytest-django",

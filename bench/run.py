@@ -67,7 +67,7 @@ from django.test.utils import CaptureQueriesContext  # noqa: E402
 
 from project.models import Execution  # noqa: E402
 from project.processes import Proc, spawn_supervisor, spawn_worker, wait_until  # noqa: E402
-from supervisor_app import services  # noqa: E402
+from supervisor_app import runs  # noqa: E402
 from supervisor_app.models import RunAttempt, SupervisedRun  # noqa: E402
 
 call_command("migrate", verbosity=0)
@@ -141,8 +141,8 @@ def bench_overhead(n: int) -> dict[str, Any]:
     dispatch_statements = len(ctx.captured_queries)
     claim_ctx = CaptureQueriesContext(connection)
     with claim_ctx:
-        services.claim(run_id, 1, "bench")
-        services.finish_success(run_id, 1, "bench")
+        runs.claim(run_id, 1, "bench")
+        runs.finish_success(run_id, 1, "bench")
     return {
         "n": n,
         "plain_rate": plain_rate,
@@ -307,8 +307,8 @@ def clone_rows(template_id: int, n: int, overrides: dict[str, str]) -> None:
 
 
 def template_run(status: str) -> int:
-    policy = services.RunPolicy(max_attempts=3, lease_timeout=2, start_timeout=2, max_runtime=None)
-    run = services.create_run("project.tasks.noop", [], {}, policy, countdown=3600)
+    policy = runs.RunPolicy(max_attempts=3, lease_timeout=2, start_timeout=2, max_runtime=None)
+    run = runs.create_run("project.tasks.noop", [], {}, policy, countdown=3600)
     assert run is not None
     SupervisedRun.objects.filter(pk=run.pk).update(status=status, next_check_at=None)
     return run.pk
@@ -370,14 +370,14 @@ def bench_heartbeat(counts: list[int]) -> list[dict[str, Any]]:
             t = time.perf_counter()
             repeats = 5
             for _ in range(repeats):
-                states = services.renew_leases(leases)
+                states = runs.renew_leases(leases)
             batched = (time.perf_counter() - t) / repeats
         assert all(s.held for s in states.values())
         per_run = None
         if n <= 1000:
             t = time.perf_counter()
             for run_id, attempt in leases:
-                services.heartbeat(run_id, attempt)
+                runs.heartbeat(run_id, attempt)
             per_run = time.perf_counter() - t
         results.append(
             {

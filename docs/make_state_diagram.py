@@ -1,7 +1,8 @@
-"""Draw docs/img/states.png from the TRANSITIONS table of supervisor_app.states.
+"""Draw docs/img/states.png from the TRANSITIONS table of supervisor_app.core.states (drawn from its MOVES).
 
-Run from the repository root: ``python docs/make_state_diagram.py``. The edges come from the code,
-so the picture cannot drift from the state machine; only the layout (positions) is chosen here.
+Run from the repository root: ``python docs/make_state_diagram.py``. The edges and their labels come
+from the code, so the picture cannot drift from the state machine; only the layout (positions) is
+chosen here.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from supervisor_app.states import TERMINAL_STATUSES, TRANSITIONS, RunStatus  # noqa: E402
+from supervisor_app.core.states import MOVES, TERMINAL_STATUSES, TRANSITIONS, RunStatus  # noqa: E402
 
 #: Layout only: where each status is drawn (x, y).
 POSITIONS: dict[str, tuple[float, float]] = {
@@ -33,18 +34,12 @@ POSITIONS: dict[str, tuple[float, float]] = {
     RunStatus.SKIPPED: (1.0, 5.2),
 }
 
-#: Why each move happens (labels only; the edges themselves come from TRANSITIONS).
-LABELS: dict[tuple[str, str], str] = {
-    (RunStatus.QUEUED, RunStatus.RUNNING): "claimed",
-    (RunStatus.RUNNING, RunStatus.QUEUED): "lease lost / timed out:\nnew attempt",
-    (RunStatus.RUNNING, RunStatus.SUCCEEDED): "completed",
-    (RunStatus.RUNNING, RunStatus.FAILED): "non-retryable",
-    (RunStatus.RUNNING, RunStatus.RETRYING): "retryable error",
-    (RunStatus.RUNNING, RunStatus.DEAD): "attempts exhausted",
-    (RunStatus.RETRYING, RunStatus.QUEUED): "backoff over",
-    (RunStatus.QUEUED, RunStatus.MISSED): "start window over",
-    (RunStatus.QUEUED, RunStatus.QUEUED): "republished",
-}
+#: Why each move happens: the label of the first move (in ``MOVES`` order) that makes the edge.
+LABELS: dict[tuple[str, str], str] = {}
+for _move in MOVES:
+    for _source in _move.sources:
+        if _move.label and (_source, _move.target) not in LABELS:
+            LABELS[(_source, _move.target)] = _move.label
 
 TERMINAL_COLOUR = "#e8eef7"
 ACTIVE_COLOUR = "#fff3d6"
@@ -110,7 +105,7 @@ def draw(path: Path) -> None:
         fontsize=8,
         color="#555555",
     )
-    ax.set_title("supervisor_app: run states (from supervisor_app.states.TRANSITIONS)", fontsize=12)
+    ax.set_title("supervisor_app: run states (from supervisor_app.core.states.TRANSITIONS)", fontsize=12)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, bbox_inches="tight", metadata={"Software": None})
     plt.close(fig)

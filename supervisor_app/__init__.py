@@ -12,9 +12,9 @@ __all__ = ["LeaseLost", "NonRetryable", "RunCancelled", "SupervisedTask", "__ver
 def __getattr__(name: str) -> Any:
     # Lazy: importing the package must not import Django models or Celery (no work at import time).
     if name in {"LeaseLost", "NonRetryable", "RunCancelled"}:
-        from . import states
+        from .core import errors
 
-        return getattr(states, name)
+        return getattr(errors, name)
     if name == "SupervisedTask":
         from .tasks import SupervisedTask
 

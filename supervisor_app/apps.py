@@ -1,9 +1,14 @@
+"""The only wiring of the package: system checks and signal receivers, connected in ``ready()``."""
+
 from __future__ import annotations
 
 from django.apps import AppConfig
 
 
 class SupervisorAppConfig(AppConfig):
+    """The only wiring of the package: system checks and signal receivers, connected here, never by
+    a module as it is imported. (The sweep's phases are a static list in ``supervisor.PHASES``.)"""
+
     name = "supervisor_app"
     verbose_name = "Supervised runs"
     default_auto_field = "django.db.models.BigAutoField"
@@ -12,11 +17,9 @@ class SupervisorAppConfig(AppConfig):
         from django.core import checks
 
         from . import checks as supervisor_checks
+        from .alerts import receivers
 
         checks.register(supervisor_checks.check_settings, checks.Tags.compatibility)
         checks.register(supervisor_checks.check_celery, checks.Tags.compatibility)
-        # Importing scheduling registers the missed-slot phase of the sweep.
-        from . import alerts, scheduling  # noqa: F401
-
-        checks.register(alerts.check_alert_settings, checks.Tags.compatibility)
-        alerts.install()  # signal receivers of the alert channels, and the digest phase of the sweep
+        checks.register(supervisor_checks.check_alert_settings, checks.Tags.compatibility)
+        receivers.connect()

@@ -7,7 +7,9 @@ from typing import Any
 from django.core.checks import CheckMessage, Error, Warning
 
 from .conf import SETTINGS, supervisor_settings
-from .states import exception_types
+from .core.alerting import check_webhook_url, parse_events
+from .core.policies import CatchUp, Overlap, parse_choice
+from .core.retry import exception_types
 
 
 def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
@@ -55,6 +57,11 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
             exception_types(values.get(name) or [])
         except (ImportError, TypeError) as exc:
             errors.append(Error(f"SUPERVISOR_{name}: {exc}", id="supervisor_app.E005"))
+    for name, choices in (("OVERLAP", Overlap), ("CATCH_UP", CatchUp)):
+        try:
+            parse_choice(choices, values.get(name), f"SUPERVISOR_{name}")
+        except ValueError as exc:
+            errors.append(Error(str(exc), id="supervisor_app.E006"))
     return errors
 
 
@@ -98,3 +105,33 @@ def check_broker_heartbeat(broker_url: str, settings: Any) -> list[CheckMessage]
             )
         ]
     return []
+
+
+def check_alert_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
+    s = supervisor_settings
+    errors: list[CheckMessage] = []
+    try:
+        parse_events(s.ALERT_ON)
+    except (ValueError, AttributeError, TypeError) as exc:
+        errors.append(Error(f"SUPERVISOR_ALERT_ON: {exc}", id="supervisor_app.E101"))
+    url = s.ALERT_WEBHOOK_URL
+    if url:
+        try:
+            check_webhook_url(str(url))
+        except ValueError as exc:
+            errors.append(Error(f"SUPERVISOR_ALERT_WEBHOOK_URL: {exc}", id="supervisor_app.E102"))
+    limit = s.ALERT_RATE_LIMIT
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+        errors.append(
+            Error(
+                f"SUPERVISOR_ALERT_RATE_LIMIT must be an integer >= 1 or None, got {limit!r}", id="supervisor_app.E103"
+            )
+        )
+    retries = s.ALERT_WEBHOOK_RETRIES
+    if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
+        errors.append(
+            Error(
+                f"SUPERVISOR_ALERT_WEBHOOK_RETRIES must be an integer >= 0, got {retries!r}", id="supervisor_app.E104"
+            )
+        )
+    return errors

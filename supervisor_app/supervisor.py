@@ -1,16 +1,18 @@
-"""The supervisor's sweep: short, idempotent, batched and bounded in time.
+"""The supervisor's sweep: one static list of phases; short, idempotent, batched, bounded in time.
 
-It trusts nothing held in memory: each phase selects a batch of rows with ``FOR UPDATE SKIP
+It trusts nothing held in memory: each run phase selects a batch of rows with ``FOR UPDATE SKIP
 LOCKED`` (so several supervisors split the work instead of queueing on each other), and each action
-is a conditional update that re-checks why the row was selected (``services``). A sweep that is
+is a conditional update that re-checks why the row was selected (``runs.recovery``). A sweep that is
 killed half-way leaves every row either handled or untouched.
+
+The phases, in order, are one static list (:data:`PHASES`): lost leases, overdue attempts, retries
+due, unstarted attempts, then the schedules (missed slots, start windows, ``queue_one`` releases) and
+the alert digests. Nothing adds itself to it.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -20,13 +22,17 @@ from typing import Any
 from django.db import transaction
 from django.db.models import DurationField, ExpressionWrapper, F
 from django.db.models.functions import Now
-from django.utils import timezone
 
-from . import services
+from .alerts.digests import digest_phase
 from .conf import supervisor_settings
+from .core.states import RunStatus
+from .db import recover_connection
 from .models import ProcessHeartbeat, SupervisedRun
-from .querysets import RunQuerySet
-from .states import RunStatus
+from .models.querysets import RunQuerySet
+from .ops.liveness import process_name, record_liveness
+from .runs import recovery
+from .runs.publishing import RunPublisher
+from .scheduling.sweep import sweep_schedules
 
 logger = logging.getLogger("supervisor_app")
 
@@ -59,11 +65,11 @@ class SweepReport:
         return self.recovered + self.timed_out + self.dead + self.retried + self.republished + self.cancelled
 
 
-Handler = Callable[[list[SupervisedRun], services.Publisher, SweepReport], None]
+Handler = Callable[[list[SupervisedRun], RunPublisher, SweepReport], None]
 
 
-def _lost(batch: list[SupervisedRun], publisher: services.Publisher, report: SweepReport) -> None:
-    queued, dead, cancelled = services.recover_lost_batch(batch, publisher)
+def _lost(batch: list[SupervisedRun], publisher: RunPublisher, report: SweepReport) -> None:
+    queued, dead, cancelled = recovery.recover_lost_batch(batch, publisher)
     report.recovered += len(queued)
     report.dead += len(dead)
     report.cancelled += len(cancelled)
@@ -74,9 +80,9 @@ def _lost(batch: list[SupervisedRun], publisher: services.Publisher, report: Swe
             report.detection_latencies.append(max(lag.total_seconds(), 0.0))
 
 
-def _overdue(batch: list[SupervisedRun], publisher: services.Publisher, report: SweepReport) -> None:
+def _overdue(batch: list[SupervisedRun], publisher: RunPublisher, report: SweepReport) -> None:
     for run in batch:
-        status = services.time_out(run, publisher)
+        status = recovery.time_out(run, publisher)
         if status == RunStatus.QUEUED:
             report.timed_out += 1
         elif status == RunStatus.DEAD:
@@ -85,15 +91,15 @@ def _overdue(batch: list[SupervisedRun], publisher: services.Publisher, report: 
             report.cancelled += 1
 
 
-def _retry(batch: list[SupervisedRun], publisher: services.Publisher, report: SweepReport) -> None:
+def _retry(batch: list[SupervisedRun], publisher: RunPublisher, report: SweepReport) -> None:
     for run in batch:
-        if services.dispatch_retry(run, publisher):
+        if recovery.dispatch_retry(run, publisher):
             report.retried += 1
 
 
-def _unstarted(batch: list[SupervisedRun], publisher: services.Publisher, report: SweepReport) -> None:
+def _unstarted(batch: list[SupervisedRun], publisher: RunPublisher, report: SweepReport) -> None:
     for run in batch:
-        if services.republish(run, publisher):
+        if recovery.republish(run, publisher):
             report.republished += 1
 
 
@@ -102,15 +108,32 @@ def _stale_with_lag(qs: RunQuerySet) -> RunQuerySet:
     return qs.stale().annotate(lag=ExpressionWrapper(Now() - F("lease_expires_at"), output_field=DurationField()))
 
 
-PHASES: list[tuple[str, Callable[[RunQuerySet], RunQuerySet], Handler]] = [
-    ("lost", _stale_with_lag, _lost),
-    ("overdue", RunQuerySet.overdue, _overdue),
-    ("retries", RunQuerySet.due_retries, _retry),
-    ("unstarted", RunQuerySet.unstarted, _unstarted),
-]
+@dataclass(frozen=True)
+class RunPhase:
+    """A phase over runs: ``select`` narrows the runs table, ``handle`` acts on one locked batch."""
 
-#: Hooks other modules add phases through (the scheduler's missed-slot detection).
-EXTRA_PHASES: list[Callable[[SweepReport, float], None]] = []
+    name: str
+    select: Callable[[RunQuerySet], RunQuerySet]
+    handle: Handler
+
+
+@dataclass(frozen=True)
+class Phase:
+    """A phase with its own reads and batching (schedules, alert digests), bounded by the deadline."""
+
+    name: str
+    run: Callable[[SweepReport, float], None]
+
+
+#: Every phase of a sweep, in order.
+PHASES: tuple[RunPhase | Phase, ...] = (
+    RunPhase("lost", _stale_with_lag, _lost),
+    RunPhase("overdue", RunQuerySet.overdue, _overdue),
+    RunPhase("retries", RunQuerySet.due_retries, _retry),
+    RunPhase("unstarted", RunQuerySet.unstarted, _unstarted),
+    Phase("schedules", sweep_schedules),
+    Phase("alert digests", digest_phase),
+)
 
 
 class CumulativeHistogram:
@@ -141,32 +164,29 @@ class CumulativeHistogram:
 DETECTION_LATENCY = CumulativeHistogram()
 
 
-def process_name() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
 def run_sweep(name: str | None = None) -> SweepReport:
     """One pass over everything the supervisor watches. Safe to run in parallel with itself."""
     started = time.monotonic()
     deadline = started + supervisor_settings.sweep_time_limit
     batch_size = supervisor_settings.sweep_batch_size
     report = SweepReport()
-    with services.Publisher() as publisher:
-        for _phase, select, handle in PHASES:
+    with RunPublisher() as publisher:
+        for phase in PHASES:
+            if isinstance(phase, Phase):
+                phase.run(report, deadline)
+                continue
             while True:
                 if time.monotonic() > deadline:
                     report.truncated = True
                     break
                 with transaction.atomic():
-                    qs = select(SupervisedRun.objects.all())
+                    qs = phase.select(SupervisedRun.objects.all())
                     batch = list(qs.select_for_update(skip_locked=True, of=("self",)).order_by()[:batch_size])
                     if batch:
-                        handle(batch, publisher, report)
+                        phase.handle(batch, publisher, report)
                 report.batches += 1
                 if len(batch) < batch_size:
                     break
-    for extra in EXTRA_PHASES:
-        extra(report, deadline)
     report.published = publisher.sent
     report.publish_failures = publisher.failed
     report.duration = time.monotonic() - started
@@ -186,20 +206,8 @@ def run_sweep(name: str | None = None) -> SweepReport:
     return report
 
 
-def record_liveness(kind: str, name: str, stats: dict[str, Any]) -> None:
-    """Upsert this process's heartbeat row (``last_seen`` from the database clock)."""
-    updated = ProcessHeartbeat.objects.filter(kind=kind, name=name).update(last_seen=Now(), stats=stats)
-    if not updated:
-        now = timezone.now()
-        ProcessHeartbeat.objects.get_or_create(
-            kind=kind, name=name, defaults={"started_at": now, "last_seen": now, "stats": stats}
-        )
-
-
 def loop(stop: threading.Event, interval: float | None = None, name: str | None = None) -> int:
     """Sweep every ``interval`` seconds until ``stop`` is set. Returns the number of sweeps."""
-    from django.db import close_old_connections
-
     name = name or process_name()
     sweeps = 0
     failures = 0
@@ -225,11 +233,7 @@ def loop(stop: threading.Event, interval: float | None = None, name: str | None 
                 first_line = (str(exc).strip().splitlines() or [""])[0]
                 logger.error("sweep failed again (%s: %s)", type(exc).__name__, first_line)
             failures += 1
-            close_old_connections()
-            from django.db import connection
-
-            if connection.connection is not None and not connection.is_usable():
-                connection.close()
+            recover_connection()
         wait = (interval if interval is not None else supervisor_settings.sweep_interval) - (time.monotonic() - began)
         stop.wait(max(wait, 0.0))
     return sweeps

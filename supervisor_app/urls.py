@@ -1,3 +1,5 @@
+"""The ``metrics/`` and ``health/`` URLs: ``path("supervisor/", include("supervisor_app.urls"))``."""
+
 from django.urls import path
 
 from . import views

@@ -1,4 +1,4 @@
-"""``metrics/`` and ``health/``: include with ``path("supervisor/", include("supervisor_app.urls"))``."""
+"""The ``metrics/`` and ``health/`` views, for scrapers, load balancers and probes."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def _allowed(request: HttpRequest) -> bool:
 def metrics(request: HttpRequest) -> HttpResponse:
     if not _allowed(request):
         return HttpResponse("forbidden\n", status=403, content_type="text/plain")
-    from .metrics import render
+    from .ops.metrics import render
 
     body, content_type = render()
     return HttpResponse(body, content_type=content_type)
@@ -39,7 +39,7 @@ def metrics(request: HttpRequest) -> HttpResponse:
 @require_GET
 def health(request: HttpRequest) -> JsonResponse:
     """200 when supervisors (and beat, when needed) are alive and nothing is stuck; 503 otherwise."""
-    from .health import check_health
+    from .ops.health import check_health
 
     try:
         report = check_health()

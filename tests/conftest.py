@@ -128,12 +128,12 @@ def deliver(task: Any, message_id: str, *args: Any, **request: Any) -> Any:
 def sent(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int, str]]:
     """Capture publishes instead of sending them to a broker (service-level tests)."""
     calls: list[tuple[int, int, str]] = []
-    from supervisor_app import services
+    from supervisor_app import broker
 
-    def fake_send(run_id: int, attempt: int, task_name: str, *args: Any, **kwargs: Any) -> None:
-        calls.append((run_id, attempt, task_name))
+    def fake_send(message: Any, producer: Any = None) -> None:
+        calls.append((message.run_id, message.attempt, message.task_name))
 
-    monkeypatch.setattr(services, "_send", fake_send)
+    monkeypatch.setattr(broker, "send", fake_send)
     return calls
 
 

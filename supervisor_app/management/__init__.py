@@ -1,0 +1,1 @@
+"""Management commands: ``supervise`` (the supervisor), ``supervisor_status``, ``prune_runs``."""

@@ -23,8 +23,8 @@ from django.db.models import Count, Q
 from django.db.models.functions import Now
 
 from project.models import Execution
+from supervisor_app.core.states import TERMINAL_STATUSES, RunStatus
 from supervisor_app.models import Effect, RunAttempt, SupervisedRun
-from supervisor_app.states import TERMINAL_STATUSES, RunStatus
 
 #: Tasks whose side effect (an ``Execution`` row) is written through ``self.effect(...)``.
 EFFECT_TASKS = ("project.tasks.effect_job",)

@@ -11,7 +11,7 @@ machine's, really loses every queued message.
 Run a command with the three up and its environment pointing at them::
 
     python -m tests.faults.servers -- python -m pytest -m restarts      # make test-restarts
-    python -m tests.faults.servers --broker redis -- python -m pytest tests/chaos.py
+    python -m tests.faults.servers --broker redis -- python -m pytest tests/faults/chaos.py
 
 The command sees ``DATABASE_URL`` / ``CELERY_BROKER_URL`` for the private servers (RabbitMQ by
 default, Redis with ``--broker redis``), ``FAULTS_REDIS_URL``, and ``FAULTS_SERVERS`` (what tests need

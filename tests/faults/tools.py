@@ -20,7 +20,7 @@ from django.db import connection
 from django.db.models import F
 from django.utils import timezone
 
-from supervisor_app import services
+from supervisor_app import runs
 from supervisor_app.models import RunAttempt, SupervisedRun
 
 if TYPE_CHECKING:
@@ -135,8 +135,8 @@ def ghost_runs(n: int, lease: float, task: str = "project.tasks.noop") -> list[i
 
     Built in bulk, as the supervisor would find them after a whole fleet of workers vanished.
     """
-    policy = services.RunPolicy(max_attempts=3, lease_timeout=lease, start_timeout=lease, max_runtime=None)
-    template = services.create_run(task, [], {}, policy, countdown=3600)
+    policy = runs.RunPolicy(max_attempts=3, lease_timeout=lease, start_timeout=lease, max_runtime=None)
+    template = runs.create_run(task, [], {}, policy, countdown=3600)
     assert template is not None
     fields = {
         f.attname: getattr(SupervisedRun.objects.get(pk=template.pk), f.attname)
@@ -144,9 +144,9 @@ def ghost_runs(n: int, lease: float, task: str = "project.tasks.noop") -> list[i
         if not f.primary_key
     }
     fields.update(status="running", worker="ghost@dead-host", publish_count=1, next_check_at=None)
-    runs = SupervisedRun.objects.bulk_create([SupervisedRun(**fields) for _ in range(n)])
+    ghosts = SupervisedRun.objects.bulk_create([SupervisedRun(**fields) for _ in range(n)])
     SupervisedRun.objects.filter(pk=template.pk).delete()
-    run_ids = [r.pk for r in runs]
+    run_ids = [r.pk for r in ghosts]
     RunAttempt.objects.bulk_create(
         [RunAttempt(run_id=pk, number=1, outcome="running", worker="ghost@dead-host") for pk in run_ids]
     )

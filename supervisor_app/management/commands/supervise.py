@@ -10,7 +10,8 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandParser
 
 from supervisor_app.conf import supervisor_settings
-from supervisor_app.supervisor import loop, process_name, run_sweep
+from supervisor_app.ops.liveness import process_name
+from supervisor_app.supervisor import loop, run_sweep
 
 
 class Command(BaseCommand):

@@ -7,7 +7,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandParser
 
-from supervisor_app.health import check_health
+from supervisor_app.ops.health import check_health
 
 
 class Command(BaseCommand):

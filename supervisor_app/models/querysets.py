@@ -1,0 +1,38 @@
+"""Every read the supervisor, admin and health checks make, as named QuerySet methods.
+
+Each sweep query matches one partial index of ``SupervisedRun.Meta.indexes`` (status plus one
+time column), so its cost follows the number of active rows, never the size of the history.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from django.db import models
+from django.db.models.functions import Now
+
+from ..core.states import ACTIVE_STATUSES, RunStatus
+
+if TYPE_CHECKING:
+    from .runs import SupervisedRun  # noqa: F401  (named in the QuerySet[...] string below)
+
+
+class RunQuerySet(models.QuerySet["SupervisedRun"]):
+    def active(self) -> RunQuerySet:
+        return self.filter(status__in=ACTIVE_STATUSES)
+
+    def stale(self) -> RunQuerySet:
+        """Running attempts whose lease expired (by the database's clock): the agent is gone."""
+        return self.filter(status=RunStatus.RUNNING, lease_expires_at__lt=Now())
+
+    def overdue(self) -> RunQuerySet:
+        """Running attempts past their max runtime."""
+        return self.filter(status=RunStatus.RUNNING, deadline_at__isnull=False, deadline_at__lt=Now())
+
+    def due_retries(self) -> RunQuerySet:
+        """Runs waiting out a backoff whose next attempt is due."""
+        return self.filter(status=RunStatus.RETRYING, next_check_at__lte=Now())
+
+    def unstarted(self) -> RunQuerySet:
+        """Queued attempts nobody started in time (lost message, broker down, hung prefetching worker)."""
+        return self.filter(status=RunStatus.QUEUED, next_check_at__lte=Now())

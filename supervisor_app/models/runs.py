@@ -1,0 +1,193 @@
+"""The durable record: one ``SupervisedRun`` per logical run, one ``RunAttempt`` per attempt, and the
+rows that hang off a run (``AdoptedMessage``, ``Effect``)."""
+
+from __future__ import annotations
+
+from django.db import models
+from django.db.models import Q
+
+from ..compat import check_constraint
+from ..core.states import ACTIVE_STATUSES, AttemptOutcome, RunStatus
+from .querysets import RunQuerySet
+
+
+class SupervisedRun(models.Model):
+    """One logical run: a schedule slot or an ad-hoc ``.delay()``.
+
+    ``worker``, ``started_at``, ``heartbeat_at`` and ``lease_expires_at`` describe the *current*
+    attempt (``attempt``). The attempt number is the fencing token: every agent write is conditional
+    on it (see ``supervisor_app.runs``).
+    """
+
+    task_name = models.CharField(max_length=255)
+    periodic_task = models.ForeignKey(
+        "django_celery_beat.PeriodicTask",
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="supervised_runs",
+        # The (periodic_task, scheduled_for) unique constraint already indexes this column first.
+        db_index=False,
+    )
+    scheduled_for = models.DateTimeField(null=True, blank=True, help_text="The schedule slot.")
+    args = models.JSONField(default=list, blank=True)
+    kwargs = models.JSONField(default=dict, blank=True)
+    #: Publishing options kept for re-publishing (queue, routing key, priority...).
+    options = models.JSONField(default=dict, blank=True)
+
+    status = models.CharField(max_length=16, choices=RunStatus.choices, default=RunStatus.QUEUED)
+    attempt = models.PositiveIntegerField(default=1)
+    max_attempts = models.PositiveIntegerField(default=3)
+
+    worker = models.CharField(max_length=255, blank=True, default="")
+    task_id = models.CharField(max_length=255, blank=True, default="", help_text="Celery id of the current attempt.")
+    heartbeat_at = models.DateTimeField(null=True, blank=True)
+    lease_expires_at = models.DateTimeField(null=True, blank=True)
+    lease_timeout = models.DurationField(help_text="Lease length granted at claim and renewal.")
+    start_timeout = models.DurationField(help_text="How long a published attempt may wait to start.")
+    max_runtime = models.DurationField(null=True, blank=True)
+    deadline_at = models.DateTimeField(null=True, blank=True, help_text="Max runtime of the current attempt.")
+    #: When the supervisor should look at a queued (republish) or retrying (dispatch) run next.
+    next_check_at = models.DateTimeField(null=True, blank=True)
+    publish_count = models.PositiveIntegerField(default=0)
+
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    last_error = models.TextField(blank=True, default="")
+    progress = models.JSONField(null=True, blank=True)
+    checkpoint = models.JSONField(null=True, blank=True)
+    cancel_requested = models.BooleanField(default=False)
+    #: Set by an operator's "mark resolved" (``runs.mark_resolved``) on a failed, dead or missed run.
+    resolved_at = models.DateTimeField(null=True, blank=True)
+    resolved_by = models.CharField(max_length=150, blank=True, default="")
+
+    objects = RunQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        constraints = [
+            # Two beats, a restarted beat or a catch-up cannot record the same slot twice.
+            models.UniqueConstraint(
+                fields=["periodic_task", "scheduled_for"],
+                condition=Q(periodic_task__isnull=False),
+                name="supervisor_run_unique_slot",
+            ),
+            check_constraint(Q(attempt__gte=1), "supervisor_run_attempt_gte_1"),
+            check_constraint(Q(status__in=[s.value for s in RunStatus]), "supervisor_run_status_valid"),
+        ]
+        indexes = [
+            # The sweep's queries read only active rows: these partial indexes stay small however
+            # long the history grows.
+            models.Index(
+                fields=["lease_expires_at"],
+                condition=Q(status=RunStatus.RUNNING),
+                name="supervisor_run_lease_active",
+            ),
+            models.Index(
+                fields=["next_check_at"],
+                condition=Q(status__in=[RunStatus.QUEUED, RunStatus.RETRYING]),
+                name="supervisor_run_next_check",
+            ),
+            models.Index(
+                fields=["deadline_at"],
+                condition=Q(status=RunStatus.RUNNING, deadline_at__isnull=False),
+                name="supervisor_run_deadline",
+            ),
+            # The admin's. Each full index costs every claim, heartbeat and finish one more index
+            # write, so there are two: the changelist's order and date filter / the dashboard's 24 h
+            # window, and the task filter (with the same order).
+            models.Index(fields=["created_at"], name="supervisor_run_created"),
+            models.Index(fields=["task_name", "created_at"], name="supervisor_run_task_created"),
+            # Status filters on the rare terminal statuses and the open-incident view: partial, so
+            # the hot path (queued, running, retrying, succeeded rows) never writes to it.
+            models.Index(
+                fields=["status", "created_at"],
+                condition=Q(status__in=[RunStatus.FAILED, RunStatus.DEAD, RunStatus.MISSED, RunStatus.CANCELLED]),
+                name="supervisor_run_problems",
+            ),
+        ]
+        permissions = [
+            ("retry_run", "Can retry a run (start a new attempt)"),
+            ("cancel_run", "Can cancel a run"),
+            ("resolve_run", "Can mark a failed, dead or missed run resolved"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.task_name} #{self.pk} ({self.status}, attempt {self.attempt})"
+
+    @property
+    def is_active(self) -> bool:
+        return self.status in ACTIVE_STATUSES
+
+
+class RunAttempt(models.Model):
+    """History: one row per attempt of a run."""
+
+    run = models.ForeignKey(SupervisedRun, on_delete=models.CASCADE, related_name="attempts", db_index=False)
+    number = models.PositiveIntegerField()
+    task_id = models.CharField(max_length=255, blank=True, default="")
+    worker = models.CharField(max_length=255, blank=True, default="")
+    outcome = models.CharField(max_length=16, choices=AttemptOutcome.choices, default=AttemptOutcome.PENDING)
+    created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    ended_at = models.DateTimeField(null=True, blank=True)
+    error = models.TextField(blank=True, default="")
+    traceback = models.TextField(blank=True, default="")
+
+    class Meta:
+        ordering = ["run_id", "number"]
+        constraints = [
+            # Two supervisors cannot both re-enqueue the same lost attempt.
+            models.UniqueConstraint(fields=["run", "number"], name="supervisor_attempt_unique_number"),
+        ]
+        indexes = [
+            # The dashboard's recoveries in the last 24 h: partial, only lost / timed-out attempts.
+            models.Index(
+                fields=["ended_at"],
+                condition=Q(outcome__in=[AttemptOutcome.LOST, AttemptOutcome.TIMED_OUT]),
+                name="supervisor_attempt_recovered",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"run {self.run_id} attempt {self.number} ({self.outcome})"
+
+
+class AdoptedMessage(models.Model):
+    """A message that carried no run (``send_task`` from another service), adopted by a worker as
+    ``run``. The message's Celery id is the key, so a redelivery of that message finds this run
+    instead of recording a second one.
+
+    A table of its own, not a unique column of the runs table: every index on that table is weighed
+    when planning every claim and finish (measured: a partial unique index there, never written,
+    still cost claim + finish about 6%).
+    """
+
+    message_id = models.CharField(max_length=255, primary_key=True)
+    run = models.OneToOneField(SupervisedRun, on_delete=models.CASCADE, related_name="adopted_message")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    def __str__(self) -> str:
+        return f"message {self.message_id} adopted as run {self.run_id}"
+
+
+class Effect(models.Model):
+    """One side effect of a run, recorded once (``supervisor_app.runs.effects``).
+
+    Inserted in the same transaction as the effect's own database writes: the unique ``(run, key)``
+    constraint lets exactly one attempt of a run commit the effect, however often the body runs.
+    """
+
+    run = models.ForeignKey(SupervisedRun, on_delete=models.CASCADE, related_name="effects", db_index=False)
+    key = models.CharField(max_length=255)
+    #: The attempt that performed the effect.
+    attempt = models.PositiveIntegerField()
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["run", "key"], name="supervisor_effect_unique_key")]
+
+    def __str__(self) -> str:
+        return f"run {self.run_id} effect {self.key!r} (attempt {self.attempt})"

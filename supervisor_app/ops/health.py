@@ -1,0 +1,97 @@
+"""Is supervision working right now? One answer for the health URL, the status command and probes.
+
+Reads only, each query bounded by an index: the liveness table is tiny, stuck runs come from the
+partial indexes over active runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from django.db.models import Count
+
+from ..conf import supervisor_settings
+from ..core.states import ACTIVE_STATUSES, RunStatus
+from ..db import db_now
+from ..models import ProcessHeartbeat, SupervisedRun
+
+
+@dataclass(frozen=True)
+class ProcessState:
+    kind: str
+    name: str
+    last_seen: datetime
+    age: float
+    stale: bool
+    stats: dict[str, Any]
+
+
+@dataclass
+class HealthReport:
+    ok: bool
+    problems: list[str]
+    checked_at: datetime
+    stale_after: float
+    supervisors: list[ProcessState] = field(default_factory=list)
+    beats: list[ProcessState] = field(default_factory=list)
+    active: dict[str, int] = field(default_factory=dict)
+    stuck_running: int = 0
+    stuck_queued: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["checked_at"] = self.checked_at.isoformat()
+        for kind in ("supervisors", "beats"):
+            for proc in data[kind]:
+                proc["last_seen"] = proc["last_seen"].isoformat()
+        return data
+
+
+def beat_required() -> bool:
+    """A beat must be alive when ``SUPERVISOR_REQUIRE_BEAT`` says so; by default (None) when any
+    periodic task is enabled."""
+    setting = supervisor_settings.raw("REQUIRE_BEAT")
+    if setting is not None:
+        return bool(setting)
+    from django_celery_beat.models import PeriodicTask
+
+    return PeriodicTask.objects.filter(enabled=True).exists()
+
+
+def check_health() -> HealthReport:
+    now = db_now()
+    stale_after = supervisor_settings.stale_after
+    report = HealthReport(ok=True, problems=[], checked_at=now, stale_after=stale_after)
+    for row in ProcessHeartbeat.objects.order_by("-last_seen")[:50]:
+        age = max((now - row.last_seen).total_seconds(), 0.0)
+        state = ProcessState(row.kind, row.name, row.last_seen, age, age > stale_after, row.stats)
+        (report.supervisors if row.kind == ProcessHeartbeat.Kind.SUPERVISOR else report.beats).append(state)
+
+    if not report.supervisors:
+        report.problems.append("no supervisor has ever run (start `manage.py supervise`)")
+    elif all(p.stale for p in report.supervisors):
+        report.problems.append(f"supervisor stale: last seen {report.supervisors[0].age:.0f}s ago")
+    if beat_required():
+        if not report.beats:
+            report.problems.append("no beat has ever run, but periodic tasks are enabled")
+        elif all(p.stale for p in report.beats):
+            report.problems.append(f"beat stale: last seen {report.beats[0].age:.0f}s ago")
+
+    runs = SupervisedRun.objects.all()
+    counts = runs.filter(status__in=ACTIVE_STATUSES).values("status").annotate(n=Count("id"))
+    report.active = {row["status"]: row["n"] for row in counts}
+    # A lease that expired a moment ago is the supervisor's next job; one that expired longer ago
+    # than the stale limit means nobody is handling it.
+    late = now - timedelta(seconds=stale_after)
+    report.stuck_running = runs.filter(status=RunStatus.RUNNING, lease_expires_at__lt=late).count()
+    report.stuck_queued = runs.filter(status=RunStatus.QUEUED, next_check_at__lt=late).count()
+    if report.stuck_running:
+        report.problems.append(
+            f"{report.stuck_running} running run(s) with a lease expired over {stale_after:.0f}s ago"
+        )
+    if report.stuck_queued:
+        report.problems.append(f"{report.stuck_queued} queued run(s) overdue by over {stale_after:.0f}s")
+    report.ok = not report.problems
+    return report

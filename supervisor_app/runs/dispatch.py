@@ -1,0 +1,265 @@
+"""Recording runs: one row per logical run, published after commit.
+
+A run is recorded before anything is published (``transaction.on_commit``): if the transaction rolls
+back nothing is sent, and if the broker is down the run stays ``queued`` for the supervisor to
+publish later. A schedule slot is recorded at most once, by the ``(periodic_task, scheduled_for)``
+unique constraint: whoever inserts it publishes it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
+from typing import Any, cast
+
+from django.db import IntegrityError, connections, router, transaction
+from django.db.models import DateTimeField, Model
+from django.db.models.functions import Now
+from django.db.models.sql import InsertQuery
+from django.utils import timezone
+
+from ..broker import Message, run_options
+from ..conf import supervisor_settings
+from ..core.ids import first_task_id
+from ..core.policies import RunPolicy
+from ..core.states import RunStatus
+from ..db import after, convert, seconds
+from ..models import AdoptedMessage, SupervisedRun
+from .publishing import publish_batch_on_commit
+
+
+def check_json(task_name: str, args: Any, kwargs: Any) -> None:
+    """Refuse arguments that would not survive the JSON round trip, before anything is recorded."""
+    try:
+        encoded = json.dumps([args, kwargs], allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{task_name}: arguments of a supervised task must be JSON-serialisable ({exc})") from exc
+    limit = supervisor_settings.MAX_ARGS_BYTES
+    if limit is not None:
+        size = len(encoded.encode())
+        if size > limit:
+            raise ValueError(
+                f"{task_name}: arguments are {size} bytes of JSON, over SUPERVISOR_MAX_ARGS_BYTES ({limit}); "
+                "pass a reference (a primary key, a file name) instead of the data"
+            )
+
+
+def _queued_values(policy: RunPolicy) -> dict[str, Any]:
+    """The supervision values every new run records from its policy."""
+    return dict(
+        max_attempts=policy.max_attempts,
+        lease_timeout=timedelta(seconds=policy.lease_timeout),
+        start_timeout=timedelta(seconds=policy.start_timeout),
+        max_runtime=seconds(policy.max_runtime),
+    )
+
+
+def create_run(
+    task_name: str,
+    args: Sequence[Any] | None,
+    kwargs: Mapping[str, Any] | None,
+    policy: RunPolicy,
+    *,
+    options: Mapping[str, Any] | None = None,
+    countdown: float | None = None,
+    periodic_task_id: int | None = None,
+    scheduled_for: Any = None,
+    status: str = RunStatus.QUEUED,
+    publish: bool = True,
+    adopted_message_id: str | None = None,
+    hold: bool = False,
+    last_error: str = "",
+) -> SupervisedRun | None:
+    """Record a run and, after commit, publish its first attempt.
+
+    For a schedule slot, returns None when the slot is already recorded (another beat won), in which
+    case nothing is published. With ``countdown`` the run waits, recorded, and the supervisor
+    publishes it when due (no ETA held in a worker's memory). ``publish=False``: the first attempt's
+    message exists already (a worker adopting a message that carried no run); the supervisor
+    publishes it again only if it is not started within the start timeout. ``adopted_message_id``
+    (the adopted message's Celery id, with ``publish=False``) is unique: if a run was recorded for
+    that message already (the broker redelivered it), ``IntegrityError`` is raised, nothing written.
+    ``status``: a slot recorded as already decided (``missed``, ``skipped``) is finished at once,
+    with ``last_error`` saying why. ``hold``: a ``queue_one`` slot waiting behind its schedule's active
+    run, queued with no next check and unpublished until the schedule phase releases it.
+    """
+    args = list(args or [])
+    kwargs = dict(kwargs or {})
+    check_json(task_name, args, kwargs)
+    kept = run_options(options)
+    delay = countdown or 0.0
+    if status == RunStatus.QUEUED and not hold:
+        next_check_at: Any = after(timedelta(seconds=delay or policy.start_timeout))
+    else:
+        next_check_at = None
+    fields: dict[str, Any] = dict(
+        task_name=task_name,
+        args=args,
+        kwargs=kwargs,
+        options=kept,
+        status=status,
+        periodic_task_id=periodic_task_id,
+        scheduled_for=scheduled_for,
+        # publish_count is optimistic: a failed publish resets it (RunPublisher.unsent).
+        publish_count=0 if delay or hold or status != RunStatus.QUEUED else 1,
+        next_check_at=next_check_at,
+        last_error=last_error,
+        **_queued_values(policy),
+    )
+    if status != RunStatus.QUEUED:
+        fields["finished_at"] = Now()
+    using = router.db_for_write(SupervisedRun)
+    if periodic_task_id is not None:
+        try:
+            with transaction.atomic(using=using):
+                run = SupervisedRun.objects.create(**fields)
+        except IntegrityError:
+            return None  # the slot is recorded already: whoever inserted it publishes it
+    elif adopted_message_id is not None:
+        # Its own transaction, so a conflict (IntegrityError, raised) leaves the caller's intact and
+        # records no run.
+        with transaction.atomic(using=using):
+            run = SupervisedRun.objects.create(**fields)
+            AdoptedMessage.objects.create(message_id=adopted_message_id, run=run)
+    else:
+        run = SupervisedRun.objects.create(**fields)
+    # The id is known only after the insert; a second short write is avoided by deriving the first
+    # attempt's task id from it: attempt 1 uses "<id>.1".
+    run.task_id = first_task_id(run.pk)
+    if status == RunStatus.QUEUED and not delay and not hold and publish:
+        # Published from what we just wrote: no read-back, so a dispatch stays one statement.
+        publish_batch_on_commit([Message(run.pk, 1, task_name, args, kwargs, kept, run.task_id)])
+    return run
+
+
+@dataclass(frozen=True)
+class SlotRun:
+    """One schedule slot to record as a queued run by :func:`create_slot_runs`."""
+
+    periodic_task_id: int
+    scheduled_for: datetime
+    task_name: str
+    args: list[Any]
+    kwargs: dict[str, Any]
+    policy: RunPolicy
+    options: Mapping[str, Any]
+
+
+def create_slot_runs(wanted: Sequence[SlotRun], batch_size: int = 500) -> list[tuple[int, SlotRun]]:
+    """Record many schedule slots as queued runs and, after commit, publish the new ones.
+
+    One ``INSERT … ON CONFLICT (periodic_task, scheduled_for) DO NOTHING RETURNING`` per batch: a slot
+    recorded already (by another beat, the supervisor, an earlier fire) is skipped by its unique
+    constraint, and only the rows this call inserted come back, as ``(run id, slot)``, and are
+    published, through one producer per batch. Rows go in ``(periodic task, slot)`` order, so two
+    beats inserting overlapping batches wait for each other but never deadlock. The values are
+    :func:`create_run`'s for a queued slot; the caller has checked the arguments (``check_json``).
+    A backend without ``ON CONFLICT … RETURNING`` gets :func:`create_run` per slot.
+    """
+    using = router.db_for_write(SupervisedRun)
+    conn = connections[using]
+    if not (conn.features.supports_update_conflicts_with_target and conn.features.can_return_rows_from_bulk_insert):
+        created = []
+        for slot in wanted:
+            run = create_run(
+                slot.task_name,
+                slot.args,
+                slot.kwargs,
+                slot.policy,
+                options=slot.options,
+                periodic_task_id=slot.periodic_task_id,
+                scheduled_for=slot.scheduled_for,
+            )
+            if run is not None:
+                created.append((run.pk, slot))
+        return created
+    meta = SupervisedRun._meta
+    fields = [f for f in meta.local_concrete_fields if f is not meta.pk]
+    # The kept options once per slot (an expiry in seconds becomes one absolute time for row and message).
+    ordered = sorted(
+        (replace(s, options=run_options(s.options)) for s in wanted),
+        key=lambda s: (s.periodic_task_id, s.scheduled_for),
+    )
+    size = max(1, min(batch_size, conn.ops.bulk_batch_size(fields, ordered)))
+    created = []
+    for start in range(0, len(ordered), size):
+        with transaction.atomic(using=using):
+            inserted = _insert_slots(ordered[start : start + size], fields, using)
+            messages = [
+                Message(pk, 1, s.task_name, s.args, s.kwargs, s.options, first_task_id(pk)) for pk, s in inserted
+            ]
+            if messages:
+                publish_batch_on_commit(messages)
+        created += inserted
+    return created
+
+
+def _slot_values(s: SlotRun) -> dict[str, Any]:
+    """The fields of a queued slot run that differ from the model's defaults (as in create_run)."""
+    return dict(
+        task_name=s.task_name,
+        args=list(s.args),
+        kwargs=dict(s.kwargs),
+        options=dict(s.options),
+        status=RunStatus.QUEUED,
+        periodic_task_id=s.periodic_task_id,
+        scheduled_for=s.scheduled_for,
+        publish_count=1,  # optimistic, as in create_run: a failed publish resets it
+        **_queued_values(s.policy),
+    )
+
+
+def _insert_slots(chunk: Sequence[SlotRun], fields: list[Any], using: str) -> list[tuple[int, SlotRun]]:
+    conn = connections[using]
+    qn = conn.ops.quote_name
+    rows = [_slot_values(s) for s in chunk]
+    if conn.vendor == "postgresql":
+        sql, params = _unnest_insert(rows, fields, conn)
+    else:
+        # now() + start_timeout, on the database's clock, as create_run does.
+        objs: list[Model] = [SupervisedRun(**row, next_check_at=after(row["start_timeout"])) for row in rows]
+        query = InsertQuery(SupervisedRun)
+        query.insert_values(fields, objs)
+        [(sql, params)] = query.get_compiler(using=using).as_sql()
+    task, slot = qn("periodic_task_id"), qn("scheduled_for")
+    # The target and condition of the supervisor_run_unique_slot constraint: no other conflict is hidden.
+    sql += f" ON CONFLICT ({task}, {slot}) WHERE {task} IS NOT NULL DO NOTHING RETURNING {qn('id')}, {task}, {slot}"
+    with conn.cursor() as cursor:
+        cursor.execute(sql, params)
+        returned = cursor.fetchall()
+    field = cast(DateTimeField, SupervisedRun._meta.get_field("scheduled_for"))
+    by_key = {(s.periodic_task_id, s.scheduled_for): s for s in chunk}
+    return [(pk, by_key[(task_id, convert(field, raw, SupervisedRun, conn))]) for pk, task_id, raw in returned]
+
+
+def _unnest_insert(rows: Sequence[Mapping[str, Any]], fields: list[Any], conn: Any) -> tuple[str, list[Any]]:
+    """PostgreSQL: ``INSERT … SELECT … FROM unnest(<one array per column>)``.
+
+    About twenty parameters whatever the number of rows, and no model instance per row: building a
+    500-row VALUES list costs far more than inserting it. Every column of the model is written, each
+    value prepared by its field as the ORM's insert does (defaults and ``auto_now_add`` included);
+    ``next_check_at`` is ``now() + start_timeout`` on the database's clock, as in create_run.
+    """
+    qn = conn.ops.quote_name
+    now = timezone.now()
+    columns, selected, arrays = [], [], []
+    for field in fields:
+        column = qn(field.column)
+        columns.append(column)
+        if field.name == "next_check_at":
+            selected.append(f"STATEMENT_TIMESTAMP() + u.{qn('start_timeout')}")
+            continue
+        if field.attname in rows[0]:
+            values = [field.get_db_prep_save(row[field.attname], conn) for row in rows]
+        else:
+            default = now if getattr(field, "auto_now_add", False) else field.get_default()
+            values = [field.get_db_prep_save(default, conn)] * len(rows)
+        arrays.append((column, f"%s::{field.db_type(conn)}[]", values))
+        selected.append(f"u.{column}")
+    sql = (
+        f"INSERT INTO {qn(SupervisedRun._meta.db_table)} ({', '.join(columns)}) SELECT {', '.join(selected)}"
+        f" FROM unnest({', '.join(cast_ for _, cast_, _ in arrays)}) AS u({', '.join(c for c, _, _ in arrays)})"
+    )
+    return sql, [values for _, _, values in arrays]

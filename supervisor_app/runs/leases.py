@@ -1,0 +1,296 @@
+"""The agent's writes: claim an attempt, renew its lease, finish it, all fenced by the attempt number.
+
+Every write here is ``UPDATE … WHERE id = ? AND attempt = ? AND status = <the move's source>``: a
+delivery that lost the race, a superseded attempt or a zombie whose lease expired matches no row and
+writes nothing. On PostgreSQL the claim and the success are one statement each (a CTE updating the
+run and its attempt row), so a no-op run costs three statements: dispatch, claim, finish. Statuses
+reach the SQL as parameters, from the moves of ``core.states``.
+"""
+
+from __future__ import annotations
+
+import json
+import operator
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import timedelta
+from functools import reduce
+from typing import Any
+
+from django.db import connections, router, transaction
+from django.db.models import Case, DateTimeField, F, Q, When
+from django.db.models.functions import Now
+
+from .. import signals
+from ..conf import supervisor_settings
+from ..core.retry import FailureDecision
+from ..core.states import CLAIM, FAILURE_MOVES, STOP_CANCELLED, SUCCEED, AttemptOutcome, RunStatus
+from ..db import after, execute_async_commit, single_statement_connection, update_returning
+from ..models import RunAttempt, SupervisedRun, SupervisionPolicy
+from . import rows
+from .notify import send_on_commit
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What an agent learns when it wins the claim of an attempt."""
+
+    run_id: int
+    attempt: int
+    max_attempts: int
+    lease_timeout: float
+    checkpoint: Any
+
+
+@dataclass(frozen=True)
+class LeaseState:
+    held: bool
+    cancel_requested: bool = False
+
+
+_CLAIM_PG = """
+WITH claimed AS (
+    UPDATE {run} SET status = %(target)s, worker = %(worker)s, started_at = now(), heartbeat_at = now(),
+        lease_expires_at = now() + lease_timeout,
+        deadline_at = CASE WHEN max_runtime IS NULL THEN NULL ELSE now() + max_runtime END,
+        next_check_at = NULL, finished_at = NULL,
+        task_id = COALESCE(NULLIF(%(task_id)s, ''), task_id)
+    WHERE id = %(run_id)s AND attempt = %(attempt)s AND status = %(source)s
+    RETURNING id, attempt, max_attempts, lease_timeout, checkpoint
+), started AS (
+    INSERT INTO {attempt} (run_id, number, task_id, worker, outcome, created_at, started_at, error, traceback)
+    SELECT id, attempt, %(task_id)s, %(worker)s, %(outcome)s, now(), now(), '', '' FROM claimed
+    ON CONFLICT (run_id, number) DO UPDATE
+        SET task_id = EXCLUDED.task_id, worker = EXCLUDED.worker, outcome = EXCLUDED.outcome, started_at = now()
+)
+SELECT max_attempts, lease_timeout, checkpoint::text FROM claimed
+"""
+
+_SUCCEED_PG = """
+WITH finished AS (
+    UPDATE {run} SET status = %(target)s, finished_at = now(), lease_expires_at = NULL, deadline_at = NULL,
+        last_error = ''
+    WHERE id = %(run_id)s AND attempt = %(attempt)s AND status = %(source)s
+    RETURNING id, attempt
+), ended AS (
+    UPDATE {attempt} AS a SET outcome = %(outcome)s, ended_at = now()
+    FROM finished WHERE a.run_id = finished.id AND a.number = finished.attempt
+)
+SELECT count(*) FROM finished
+"""
+
+_RENEW_PG = """
+UPDATE {run} AS r SET heartbeat_at = now(), lease_expires_at = now() + r.lease_timeout
+FROM unnest(%s::bigint[], %s::integer[]) AS l(id, attempt)
+WHERE r.id = l.id AND r.attempt = l.attempt AND r.status = %s
+RETURNING r.id, r.attempt, r.cancel_requested
+"""
+
+
+def _using() -> str:
+    return router.db_for_write(SupervisedRun)
+
+
+def _sql(template: str, conn: Any) -> str:
+    return template.format(
+        run=conn.ops.quote_name(SupervisedRun._meta.db_table),
+        attempt=conn.ops.quote_name(RunAttempt._meta.db_table),
+    )
+
+
+def _agent_execute(cursor: Any, sql: str, params: Any) -> None:
+    """An agent write, without waiting for its WAL flush when ``SUPERVISOR_ASYNC_AGENT_COMMIT`` allows.
+
+    Safe because every agent write is recoverable: if PostgreSQL crashes and forgets the last
+    fraction of a second of them, a forgotten claim looks queued (republished), a forgotten renewal
+    or finish looks like an expired lease (recovered). Dispatch never does this: a recorded run
+    must survive a crash.
+    """
+    execute_async_commit(cursor, sql, params, bool(supervisor_settings.raw("ASYNC_AGENT_COMMIT")))
+
+
+def claim(run_id: int, attempt: int, worker: str, task_id: str = "") -> Claim | None:
+    """queued → running for attempt ``attempt``; None when another delivery or attempt has it.
+
+    On PostgreSQL one statement claims the run and starts the attempt's row. Elsewhere, two in a
+    transaction.
+    """
+    conn = single_statement_connection(_using())
+    if conn is not None:
+        params = {
+            "run_id": run_id,
+            "attempt": attempt,
+            "worker": worker[:255],
+            "task_id": task_id[:255],
+            "source": CLAIM.source,
+            "target": CLAIM.target,
+            "outcome": AttemptOutcome.RUNNING.value,
+        }
+        with conn.cursor() as cursor:
+            _agent_execute(cursor, _sql(_CLAIM_PG, conn), params)
+            row = cursor.fetchone()
+        if row is None:
+            return None
+        checkpoint = None if row[2] is None else json.loads(row[2])
+        return Claim(run_id, attempt, int(row[0]), row[1].total_seconds(), checkpoint)
+    values: dict[str, Any] = dict(
+        status=CLAIM.target,
+        worker=worker[:255],
+        started_at=Now(),
+        heartbeat_at=Now(),
+        lease_expires_at=after(F("lease_timeout")),
+        deadline_at=Case(
+            When(max_runtime__isnull=False, then=after(F("max_runtime"))),
+            default=None,
+            output_field=DateTimeField(),
+        ),
+        next_check_at=None,
+        finished_at=None,
+    )
+    if task_id:
+        values["task_id"] = task_id[:255]
+    with transaction.atomic():
+        claimed = update_returning(
+            rows.of(CLAIM, run_id, attempt), ["max_attempts", "lease_timeout", "checkpoint"], **values
+        )
+        if not claimed:
+            return None
+        started = dict(worker=worker[:255], task_id=task_id[:255], outcome=AttemptOutcome.RUNNING, started_at=Now())
+        # Attempt 1 has no row yet (dispatch stays one statement); later attempts got a pending row
+        # when the supervisor or an operator queued them.
+        if attempt == 1 or not RunAttempt.objects.filter(run_id=run_id, number=attempt).update(**started):
+            RunAttempt.objects.create(run_id=run_id, number=attempt, **started)
+    row = claimed[0]
+    return Claim(run_id, attempt, row["max_attempts"], row["lease_timeout"].total_seconds(), row["checkpoint"])
+
+
+def renew_leases(leases: Iterable[tuple[int, int]]) -> dict[tuple[int, int], LeaseState]:
+    """Renew every lease a worker process holds in one statement.
+
+    Returns the state of each lease asked for: ``held=False`` when the attempt was superseded or
+    finished (the agent must stop), ``cancel_requested`` when an operator asked to cancel.
+    """
+    wanted = list(leases)
+    if not wanted:
+        return {}
+    conn = connections[_using()]
+    held: dict[tuple[int, int], bool]
+    if conn.vendor == "postgresql":
+        # One statement whatever the number of leases: the (id, attempt) pairs travel as two arrays,
+        # so the SQL text and its plan do not grow with N (an OR of N conditions would).
+        with conn.cursor() as cursor:
+            params = [[w[0] for w in wanted], [w[1] for w in wanted], RunStatus.RUNNING.value]
+            _agent_execute(cursor, _sql(_RENEW_PG, conn), params)
+            held = {(int(a), int(b)): bool(c) for a, b, c in cursor.fetchall()}
+    else:
+        # Fenced by (id, attempt): a zombie's renewal matches no row and touches nothing.
+        match = reduce(operator.or_, (Q(pk=run_id, attempt=attempt) for run_id, attempt in wanted))
+        renewed = update_returning(
+            SupervisedRun.objects.filter(match, status=RunStatus.RUNNING),
+            ["id", "attempt", "cancel_requested"],
+            heartbeat_at=Now(),
+            lease_expires_at=after(F("lease_timeout")),
+        )
+        held = {(r["id"], r["attempt"]): bool(r["cancel_requested"]) for r in renewed}
+    return {key: LeaseState(key in held, bool(held.get(key, False))) for key in wanted}
+
+
+def heartbeat(run_id: int, attempt: int, progress: Any = None, checkpoint: Any = None) -> LeaseState:
+    """An explicit heartbeat from task code, optionally saving progress and a checkpoint."""
+    values: dict[str, Any] = dict(heartbeat_at=Now(), lease_expires_at=after(F("lease_timeout")))
+    if progress is not None:
+        values["progress"] = progress
+    if checkpoint is not None:
+        json.dumps(checkpoint)  # a checkpoint that can't be stored is the caller's bug: fail loudly
+        values["checkpoint"] = checkpoint
+    renewed = update_returning(
+        SupervisedRun.objects.filter(pk=run_id, attempt=attempt, status=RunStatus.RUNNING),
+        ["cancel_requested"],
+        **values,
+    )
+    if not renewed:
+        return LeaseState(False)
+    return LeaseState(True, bool(renewed[0]["cancel_requested"]))
+
+
+def schedule_backoff(run_id: int) -> tuple[float | None, float | None]:
+    """Backoff and cap (seconds) set by the supervision policy of the run's schedule, if any."""
+    row = (
+        SupervisionPolicy.objects.filter(periodic_task__supervised_runs__pk=run_id)
+        .values_list("backoff", "backoff_max")
+        .first()
+    )
+    if row is None:
+        return None, None
+    return tuple(None if d is None else d.total_seconds() for d in row)  # type: ignore[return-value]
+
+
+def finish_success(run_id: int, attempt: int, worker: str = "") -> bool:
+    """running → succeeded, fenced by the attempt. False: the lease was lost, nothing written."""
+    conn = single_statement_connection(_using())
+    if conn is not None:
+        params = {
+            "run_id": run_id,
+            "attempt": attempt,
+            "source": SUCCEED.source,
+            "target": SUCCEED.target,
+            "outcome": AttemptOutcome.SUCCEEDED.value,
+        }
+        with conn.cursor() as cursor:
+            _agent_execute(cursor, _sql(_SUCCEED_PG, conn), params)
+            won = cursor.fetchone()[0] == 1
+        if won:
+            send_on_commit(signals.run_succeeded, run_id, attempt=attempt)
+            return True
+        with transaction.atomic():
+            rows.fenced(run_id, attempt, worker, "completion")
+        return False
+    with transaction.atomic():
+        if not rows.of(SUCCEED, run_id, attempt).update(**rows.ended(SUCCEED), last_error=""):
+            rows.fenced(run_id, attempt, worker, "completion")
+            return False
+        rows.finish_attempt(run_id, attempt, AttemptOutcome.SUCCEEDED)
+        send_on_commit(signals.run_succeeded, run_id, attempt=attempt)
+    return True
+
+
+def finish_failure(run_id: int, attempt: int, decision: FailureDecision, error: str, tb: str, worker: str = "") -> bool:
+    """running → failed / retrying / dead as ``decision`` says, fenced by the attempt."""
+    move = FAILURE_MOVES[decision.status]
+    values: dict[str, Any] = dict(status=move.target, lease_expires_at=None, deadline_at=None, last_error=error[:10000])
+    if move.target == RunStatus.RETRYING:
+        values["next_check_at"] = after(timedelta(seconds=decision.retry_in or 0.0))
+    else:
+        values["finished_at"] = Now()
+    with transaction.atomic():
+        if not rows.of(move, run_id, attempt).update(**values):
+            rows.fenced(run_id, attempt, worker, "failure report")
+            return False
+        rows.finish_attempt(run_id, attempt, AttemptOutcome.FAILED, error, tb)
+        if move.target == RunStatus.FAILED:
+            send_on_commit(signals.run_failed, run_id, attempt=attempt, error=error)
+        elif move.target == RunStatus.DEAD:
+            send_on_commit(signals.run_dead, run_id, attempt=attempt, reason="error")
+        else:
+            send_on_commit(signals.run_retrying, run_id, attempt=attempt, error=error, retry_in=decision.retry_in)
+    return True
+
+
+def finish_cancelled(run_id: int, attempt: int, worker: str = "") -> bool:
+    """The agent stopped on an operator's cancel request."""
+    with transaction.atomic():
+        if (
+            not rows.of(STOP_CANCELLED, run_id, attempt)
+            .filter(cancel_requested=True)
+            .update(**rows.ended(STOP_CANCELLED))
+        ):
+            return False
+        rows.finish_attempt(run_id, attempt, AttemptOutcome.CANCELLED, "cancelled by an operator")
+        send_on_commit(signals.run_cancelled, run_id, attempt=attempt)
+    return True
+
+
+def record_fenced(run_id: int, attempt: int, worker: str = "") -> None:
+    """The agent noticed at a heartbeat that it lost the lease and stopped without writing."""
+    with transaction.atomic():
+        rows.fenced(run_id, attempt, worker, "further work")

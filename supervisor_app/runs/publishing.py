@@ -1,0 +1,76 @@
+"""Publishing attempts of recorded runs, after commit, and recording what could not be sent."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from django.db import router, transaction
+from django.db.models.functions import Now
+
+from .. import broker
+from ..core.ids import first_task_id
+from ..core.states import RunStatus
+from ..models import SupervisedRun
+
+Message = broker.Message
+
+
+class RunPublisher(broker.Publisher):
+    """A :class:`~supervisor_app.broker.Publisher` that records, in the runs table, the attempts it
+    could not send: ``next_check_at = now()`` so the next sweep tries again at once (rather than after
+    the start timeout), ``publish_count = 0`` (it was counted optimistically). One UPDATE per attempt
+    number, in batches, not one per run."""
+
+    def unsent(self, messages: Sequence[Message]) -> None:
+        by_attempt: dict[int, list[int]] = {}
+        for message in messages:
+            by_attempt.setdefault(message.attempt, []).append(message.run_id)
+        for attempt, ids in by_attempt.items():
+            for start in range(0, len(ids), 500):
+                SupervisedRun.objects.filter(
+                    pk__in=ids[start : start + 500], attempt=attempt, status=RunStatus.QUEUED
+                ).update(next_check_at=Now(), publish_count=0)
+
+
+def message(run: SupervisedRun, attempt: int, task_id: str) -> Message:
+    return Message(run.pk, attempt, run.task_name, run.args, run.kwargs, run.options, task_id)
+
+
+def publish_on_commit(run: SupervisedRun, attempt: int, task_id: str, publisher: RunPublisher) -> None:
+    """Publish attempt ``attempt`` of ``run`` once the surrounding transaction commits."""
+    msg = message(run, attempt, task_id)
+    transaction.on_commit(lambda: publisher.publish(msg), using=router.db_for_write(SupervisedRun))
+
+
+def publish_batch_on_commit(messages: Sequence[Message]) -> None:
+    """Publish new runs after commit, through one producer."""
+
+    def publish() -> None:
+        with RunPublisher() as publisher:
+            publisher.publish_many(messages)
+
+    transaction.on_commit(publish, using=router.db_for_write(SupervisedRun))
+
+
+def publish_by_id(run_id: int, publisher: RunPublisher | None = None) -> bool:
+    """Publish the current attempt of a queued run (reads it back first)."""
+    row = (
+        SupervisedRun.objects.filter(pk=run_id, status=RunStatus.QUEUED)
+        .values("attempt", "task_name", "args", "kwargs", "options", "task_id")
+        .first()
+    )
+    if row is None:
+        return False
+    msg = Message(
+        run_id,
+        row["attempt"],
+        row["task_name"],
+        row["args"],
+        row["kwargs"],
+        row["options"],
+        row["task_id"] or first_task_id(run_id),
+    )
+    if publisher is not None:
+        return publisher.publish(msg)
+    with RunPublisher() as own:
+        return own.publish(msg)

@@ -1,0 +1,213 @@
+"""The supervisor's writes: recover lost attempts, time out overdue ones, dispatch retries, publish
+again what nobody started. Each re-checks, in its ``WHERE``, the condition that selected the row, so
+two supervisors racing on one row act once."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from datetime import timedelta
+from typing import Any
+
+from django.db import transaction
+from django.db.models import CharField, F, Value
+from django.db.models.functions import Cast, Concat, Now
+
+from .. import broker, signals
+from ..core.ids import first_task_id, new_token
+from ..core.retry import has_attempts_left, republish_delay
+from ..core.states import (
+    BURY,
+    CANCEL_RETRYING,
+    DISPATCH_RETRY,
+    EXPIRE_UNSTARTED,
+    FORCE_CANCEL,
+    REPUBLISH,
+    REQUEUE,
+    AttemptOutcome,
+)
+from ..db import after, db_now, update_returning
+from ..models import RunAttempt, SupervisedRun
+from . import rows
+from .notify import send_many_on_commit, send_on_commit
+from .publishing import RunPublisher, publish_on_commit
+
+
+def _requeue_or_bury(
+    run: SupervisedRun,
+    condition: Mapping[str, Any],
+    outcome: str,
+    reason: str,
+    publisher: RunPublisher,
+    on_requeue: Callable[[], None],
+) -> str | None:
+    """Shared end of a timed-out attempt: a new attempt, or ``dead``. Returns the new status."""
+    error = f"attempt {run.attempt} {reason}" + (f" (worker {run.worker})" if run.worker else "")
+    if has_attempts_left(run.attempt, run.max_attempts):
+        values = rows.requeued(REQUEUE, run, run.attempt + 1)
+        if not rows.of(REQUEUE, run.pk, run.attempt).filter(**condition).update(last_error=error, **values):
+            return None
+        rows.new_attempt(run.pk, run.attempt + 1, values["task_id"])
+        rows.finish_attempt(run.pk, run.attempt, outcome, error)
+        publish_on_commit(run, run.attempt + 1, values["task_id"], publisher)
+        on_requeue()
+        return REQUEUE.target
+    if not rows.of(BURY, run.pk, run.attempt).filter(**condition).update(**rows.ended(BURY), last_error=error):
+        return None
+    rows.finish_attempt(run.pk, run.attempt, outcome, error)
+    send_on_commit(signals.run_dead, run.pk, attempt=run.attempt, reason=outcome)
+    return BURY.target
+
+
+def recover_lost_batch(
+    runs: Sequence[SupervisedRun], publisher: RunPublisher
+) -> tuple[list[int], list[int], list[int]]:
+    """Runs whose lease expired, a locked batch of them, in a constant number of statements.
+
+    A mass failure (a host with hundreds of runs dies) then costs a handful of statements per batch
+    instead of three per run: one conditional UPDATE per outcome, one INSERT of the new attempts'
+    rows, one UPDATE of the lost attempts' rows. Returns the ids of the runs re-queued, dead, and
+    cancelled (an operator had cancelled them: no new attempt).
+    """
+    by_id = {run.pk: run for run in runs}
+    error = Concat(
+        Value("attempt "),
+        Cast("attempt", CharField()),
+        Value(" lost: lease expired (worker "),
+        F("worker"),
+        Value(")"),
+        output_field=CharField(),
+    )
+    stale = SupervisedRun.objects.filter(status=REQUEUE.source, lease_expires_at__lt=Now())
+    # An operator cancelled it and its agent died: it ends cancelled; no new attempt for it.
+    cancelled = update_returning(
+        stale.filter(pk__in=[r.pk for r in runs], cancel_requested=True),
+        ["id", "attempt"],
+        **rows.ended(FORCE_CANCEL),
+    )
+    stale = stale.filter(cancel_requested=False)
+    token = new_token()
+    requeued = update_returning(
+        stale.filter(pk__in=[r.pk for r in runs if has_attempts_left(r.attempt, r.max_attempts)]),
+        ["id", "attempt", "task_id"],
+        **rows.fresh_attempt(REQUEUE),
+        attempt=F("attempt") + 1,
+        # core.ids.new_task_id, computed by the database for the whole batch: "<id>.<attempt>.<token>".
+        task_id=Concat(
+            Cast("id", CharField()),
+            Value("."),
+            Cast(F("attempt") + 1, CharField()),
+            Value("." + token),
+            output_field=CharField(),
+        ),
+        last_error=error,
+        next_check_at=after(F("start_timeout")),
+    )
+    dead = update_returning(
+        stale.filter(pk__in=[r.pk for r in runs if not has_attempts_left(r.attempt, r.max_attempts)]),
+        ["id"],
+        **rows.ended(BURY),
+        last_error=error,
+    )
+    queued_ids = [row["id"] for row in requeued]
+    dead_ids = [row["id"] for row in dead]
+    cancelled_ids = [row["id"] for row in cancelled]
+    if queued_ids or dead_ids or cancelled_ids:
+        # The attempt that was running is the only attempt row of its run still marked running.
+        RunAttempt.objects.filter(
+            run_id__in=queued_ids + dead_ids + cancelled_ids, outcome=AttemptOutcome.RUNNING
+        ).update(outcome=AttemptOutcome.LOST, ended_at=Now(), error="lease expired")
+    # The unique (run, number) constraint backs the conditional update: a second supervisor that
+    # somehow passed it would fail here and roll its whole batch back.
+    RunAttempt.objects.bulk_create(
+        [RunAttempt(run_id=row["id"], number=row["attempt"], task_id=row["task_id"]) for row in requeued]
+    )
+    for row in requeued:
+        publish_on_commit(by_id[row["id"]], row["attempt"], row["task_id"], publisher)
+    send_many_on_commit(signals.run_recovered, {row["id"]: {"lost_attempt": row["attempt"] - 1} for row in requeued})
+    send_many_on_commit(
+        signals.run_dead,
+        {run_id: {"attempt": by_id[run_id].attempt, "reason": AttemptOutcome.LOST} for run_id in dead_ids},
+    )
+    send_many_on_commit(signals.run_cancelled, {row["id"]: {"attempt": row["attempt"]} for row in cancelled})
+    return queued_ids, dead_ids, cancelled_ids
+
+
+def time_out(run: SupervisedRun, publisher: RunPublisher) -> str | None:
+    """Past max runtime: revoke the attempt (after commit) and start a new one or bury the run.
+
+    A run an operator cancelled is past its cancel grace instead: it ends ``cancelled``.
+    """
+    if run.cancel_requested:
+        return force_cancel(run)
+    old_task_id = run.task_id
+    timed_out = run.attempt
+    status = _requeue_or_bury(
+        run,
+        {"deadline_at__lt": Now()},
+        AttemptOutcome.TIMED_OUT,
+        "timed out: max runtime exceeded",
+        publisher,
+        lambda: send_on_commit(signals.run_timed_out, run.pk, timed_out_attempt=timed_out),
+    )
+    if status is not None and old_task_id:
+        transaction.on_commit(lambda: broker.revoke(old_task_id))
+    return status
+
+
+def force_cancel(run: SupervisedRun) -> str | None:
+    """A cancelled run whose body did not stop within the grace period: end it, revoke the attempt.
+
+    The attempt is fenced like any other: if its body still finishes, its write is refused.
+    """
+    if not rows.of(FORCE_CANCEL, run.pk, run.attempt).filter(cancel_requested=True).update(**rows.ended(FORCE_CANCEL)):
+        return None
+    rows.finish_attempt(
+        run.pk, run.attempt, AttemptOutcome.CANCELLED, "cancelled by an operator; not stopped within the grace period"
+    )
+    send_on_commit(signals.run_cancelled, run.pk, attempt=run.attempt)
+    if run.task_id:
+        task_id = run.task_id
+        transaction.on_commit(lambda: broker.revoke(task_id))
+    return FORCE_CANCEL.target
+
+
+def dispatch_retry(run: SupervisedRun, publisher: RunPublisher) -> bool:
+    """A retry's backoff is over: queue the next attempt (or end the run, if an operator cancelled it)."""
+    if run.cancel_requested:
+        if rows.of(CANCEL_RETRYING, run.pk, run.attempt).update(
+            status=CANCEL_RETRYING.target, finished_at=Now(), next_check_at=None
+        ):
+            send_on_commit(signals.run_cancelled, run.pk, attempt=None)
+        return False
+    values = rows.requeued(DISPATCH_RETRY, run, run.attempt + 1)
+    if not rows.of(DISPATCH_RETRY, run.pk, run.attempt).filter(next_check_at__lte=Now()).update(**values):
+        return False
+    rows.new_attempt(run.pk, run.attempt + 1, values["task_id"])
+    publish_on_commit(run, run.attempt + 1, values["task_id"], publisher)
+    return True
+
+
+def republish(run: SupervisedRun, publisher: RunPublisher) -> bool:
+    """A queued attempt nobody started in time: publish it again (the claim drops duplicates).
+
+    A run whose messages have expired (its ``expires`` option passed) is not published again: a
+    worker would drop the message unrun, for ever. It ends ``missed``, with the reason.
+    """
+    expires = broker.expiry(run.options or {})
+    if expires is not None and expires <= db_now():
+        why = f"not started before its messages expired ({expires.isoformat()})"
+        expired = rows.of(EXPIRE_UNSTARTED, run.pk, run.attempt).filter(next_check_at__lte=Now())
+        if expired.update(status=EXPIRE_UNSTARTED.target, finished_at=Now(), next_check_at=None, last_error=why):
+            RunAttempt.objects.filter(run_id=run.pk, number=run.attempt, outcome=AttemptOutcome.PENDING).update(
+                outcome=AttemptOutcome.CANCELLED, ended_at=Now(), error=why
+            )
+            send_on_commit(signals.run_missed, run.pk, reason=why, batch=())
+        return False
+    count = run.publish_count + 1
+    delay = republish_delay(run.start_timeout.total_seconds(), count)
+    task_id = run.task_id or first_task_id(run.pk)
+    due = rows.of(REPUBLISH, run.pk, run.attempt).filter(next_check_at__lte=Now())
+    if not due.update(publish_count=count, next_check_at=after(timedelta(seconds=delay)), task_id=task_id):
+        return False
+    publish_on_commit(run, run.attempt, task_id, publisher)
+    return True

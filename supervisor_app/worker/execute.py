@@ -1,0 +1,212 @@
+"""Executing one delivered attempt: claim, body with the lease kept, fenced finish.
+
+Every database call of the agent rides out a short outage (a restart, a failover) while the lease is
+surely still held, and gives up before the supervisor may hand the run on: an agent never writes past
+its lease (self-fencing). Task code that wants to report progress, save a checkpoint or stop early
+calls ``SupervisedTask.heartbeat()`` (:func:`heartbeat` here).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from django.db import InterfaceError, OperationalError, connection
+
+from .. import runs
+from ..conf import supervisor_settings
+from ..core.errors import LeaseLost, RunCancelled
+from ..core.retry import FailureDecision, RetryPolicy, decide_failure
+from ..db import drop_broken_connection
+from . import interrupt
+from .lease_keeper import Lease, lease_keeper
+
+if TYPE_CHECKING:
+    from .task import SupervisedTask
+
+logger = logging.getLogger("supervisor_app")
+T = TypeVar("T")
+
+#: The database could not be reached or the connection broke (restart, failover, connection limit,
+#: network): worth waiting out. Other database errors are bugs and are not retried.
+UNAVAILABLE = (OperationalError, InterfaceError)
+
+
+def heartbeat(run_id: int, attempt: int, progress: Any = None, checkpoint: Any = None) -> None:
+    """Explicit heartbeat from the task body: raises LeaseLost / RunCancelled when it must stop.
+
+    If the database can't be reached, the body goes on while the lease is surely still held (see
+    ``Lease.held_until``): that heartbeat's progress and checkpoint are not saved, and the next
+    heartbeat saves newer ones. Past that point it raises LeaseLost, as the supervisor may already
+    have handed the run to another agent.
+    """
+    local = lease_keeper.state(run_id, attempt)
+    if local is not None and local.lost:
+        raise LeaseLost(f"run {run_id} attempt {attempt} lost its lease")
+    since = time.monotonic()
+    try:
+        st = runs.heartbeat(run_id, attempt, progress=progress, checkpoint=checkpoint)
+    except UNAVAILABLE as exc:
+        drop_broken_connection()
+        if local is None:
+            raise
+        left = local.held_until - time.monotonic()
+        if left <= 0:
+            raise LeaseLost(f"run {run_id} attempt {attempt}: database unreachable past the lease") from exc
+        logger.warning(
+            "run %s attempt %s: heartbeat not saved, database unavailable (%s); lease surely held %.1fs more",
+            run_id,
+            attempt,
+            type(exc).__name__,
+            left,
+        )
+        return
+    lease_keeper.mark(run_id, attempt, st.held, st.cancel_requested, since)
+    if not st.held:
+        raise LeaseLost(f"run {run_id} attempt {attempt} lost its lease")
+    if st.cancel_requested:
+        raise RunCancelled(f"run {run_id} was cancelled")
+
+
+def ride_out(write: Callable[[], T], until: float, what: str) -> T:
+    """``write()``, retried with backoff while the database is unavailable, until ``until`` (monotonic).
+
+    Used for the claim and the final write of an attempt: a database restart or failover of a few
+    seconds then costs a pause, not an attempt. Past ``until`` the error is raised; what is not
+    written is recovered by the supervisor from the database (a queued attempt is published again,
+    a running one whose lease expires is retried).
+    """
+    delay = 0.05
+    while True:
+        try:
+            return write()
+        except UNAVAILABLE as exc:
+            drop_broken_connection()
+            if time.monotonic() + delay >= until:
+                raise
+            logger.warning("%s: database unavailable (%s); retrying in %.2fs", what, type(exc).__name__, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+
+def effective_retry_policy(task: SupervisedTask, run_id: int, max_attempts: int) -> RetryPolicy:
+    """The task's retry policy, with the backoff of the run's schedule policy when it sets one.
+
+    Read only on the failure path (one indexed query), so successful runs pay nothing for it.
+    """
+    policy: RetryPolicy = task.retry_policy(max_attempts=max_attempts)
+    backoff, backoff_max = runs.schedule_backoff(run_id)
+    if backoff is not None:
+        policy = replace(policy, backoff=backoff)
+    if backoff_max is not None:
+        policy = replace(policy, backoff_max=backoff_max)
+    return policy
+
+
+def execute(task: SupervisedTask, run_id: int, attempt: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """Run one delivered attempt: claim, body with lease kept, fenced finish."""
+    from celery.exceptions import Ignore
+
+    request = task.request
+    worker = str(getattr(request, "hostname", None) or f"pid-{os.getpid()}")
+    task_id = str(getattr(request, "id", "") or "")
+    # Bounds the claim's retries; the run's own lease timeout is known only once it is claimed.
+    lease_timeout = float(task.lease_timeout or supervisor_settings.lease_timeout)
+    drop_broken_connection()
+    since = time.monotonic()
+    try:
+        # Retrying a claim is safe (it is conditional) and costs nothing once the supervisor has
+        # published the attempt again: the second delivery finds it claimed and is dropped.
+        won = ride_out(
+            lambda: runs.claim(run_id, attempt, worker, task_id),
+            since + lease_timeout,
+            f"run {run_id} attempt {attempt} claim",
+        )
+    except UNAVAILABLE as exc:
+        # Nothing was claimed, so the attempt is still `queued` in the database: the supervisor
+        # publishes it again once its start timeout passes. Requeueing the message instead would
+        # spin every worker on the outage.
+        logger.warning(
+            "run %s attempt %s not claimed, database unavailable (%s); the supervisor will publish it again",
+            run_id,
+            attempt,
+            type(exc).__name__,
+        )
+        raise Ignore() from None
+    if won is None:
+        # A duplicate or late delivery (republished message, broker redelivery, superseded attempt).
+        logger.info("run %s attempt %s is not claimable; delivery dropped", run_id, attempt)
+        raise Ignore()
+    # The request context is per task execution (and per thread with the threads pool).
+    setattr(request, "supervisor_checkpoint", won.checkpoint)  # noqa: B010
+    interruptible = interrupt.can_interrupt()
+    lease_keeper.register(
+        run_id, attempt, task.resolved_heartbeat_interval(), won.lease_timeout, since, interruptible=interruptible
+    )
+    try:
+        if interruptible:
+            interrupt.body.current = (run_id, attempt)
+        try:
+            result = task.run(*args, **kwargs)
+        finally:
+            # An interrupt that lands before this line is raised here and handled below as the
+            # body's; after it, the handler sees no body and ignores it.
+            interrupt.body.current = None
+    except BaseException as exc:
+        # Stop renewing before the final write, so the keeper never reports a finished run as lost.
+        lease = lease_keeper.unregister(run_id, attempt)
+        if interrupt.body.fired == (run_id, attempt):
+            # Stopped wherever it was, perhaps halfway through a query: start the final write on a
+            # fresh connection.
+            interrupt.body.fired = None
+            connection.close()
+        if not isinstance(exc, Exception) or isinstance(exc, Ignore):
+            # SystemExit, KeyboardInterrupt, a revoke's termination: the attempt is left running and
+            # its lease expires; the supervisor decides, from the database, what happens next.
+            raise
+        drop_broken_connection()  # the body's error may be the database's: record it on a fresh connection
+        if isinstance(exc, RunCancelled):
+            finish(lease, lambda: runs.finish_cancelled(run_id, attempt, worker), run_id, attempt)
+            raise Ignore() from None
+        if isinstance(exc, LeaseLost):
+            finish(lease, lambda: runs.record_fenced(run_id, attempt, worker), run_id, attempt)
+            raise Ignore() from None
+        failure, error, tb = exc, f"{type(exc).__name__}: {exc}", traceback.format_exc()
+
+        def fail() -> None:
+            policy = effective_retry_policy(task, run_id, won.max_attempts)
+            decision: FailureDecision = decide_failure(policy, attempt, failure)
+            runs.finish_failure(run_id, attempt, decision, error, tb, worker)
+
+        finish(lease, fail, run_id, attempt)
+        raise
+    lease = lease_keeper.unregister(run_id, attempt)
+    finish(lease, lambda: runs.finish_success(run_id, attempt, worker), run_id, attempt)
+    return result
+
+
+def finish(lease: Lease | None, write: Callable[[], object], run_id: int, attempt: int) -> None:
+    """The attempt's final write, retried through a database outage while the lease surely holds.
+
+    If the outage outlasts the lease, the outcome is dropped with a warning: the attempt is still
+    `running` in the database, so the supervisor recovers it like any lost attempt (at-least-once).
+    """
+    from celery.exceptions import Ignore
+
+    until = lease.held_until if lease is not None else time.monotonic()
+    try:
+        ride_out(write, until, f"run {run_id} attempt {attempt} finish")
+    except UNAVAILABLE as exc:
+        logger.warning(
+            "run %s attempt %s: outcome not recorded, database unavailable past the lease (%s); "
+            "the supervisor will recover the attempt",
+            run_id,
+            attempt,
+            type(exc).__name__,
+        )
+        raise Ignore() from None

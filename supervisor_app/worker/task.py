@@ -1,0 +1,257 @@
+"""``SupervisedTask``, the Celery base class users build on (public as ``supervisor_app.tasks.SupervisedTask``,
+where the usage example is).
+
+Its ``apply_async`` records the run before publishing; its ``__call__`` hands each delivered attempt to
+:func:`~supervisor_app.worker.execute.execute` (claim, lease, fenced finish).
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import AbstractContextManager
+from typing import Any, ClassVar
+
+from celery import Task
+
+from .. import runs
+from ..broker import HEADER_ATTEMPT, HEADER_RUN
+from ..conf import supervisor_settings
+from ..core.policies import RunPolicy
+from ..core.retry import RetryPolicy, exception_types
+from ..models import AdoptedMessage
+from ..runs import effects
+from . import execute
+
+logger = logging.getLogger("supervisor_app")
+
+
+class SupervisedTask(Task):  # type: ignore[misc]
+    """A Celery task whose every run is recorded, leased, supervised and fenced.
+
+    Class attributes (or ``@shared_task(...)`` options) override the ``SUPERVISOR_*`` settings;
+    ``None`` means "use the setting".
+    """
+
+    #: Marks supervised tasks in Celery's registry (``supervisor_app.registry``), so that the layers
+    #: below can tell them apart without importing this class.
+    supervised: ClassVar[bool] = True
+
+    #: Seconds a lease lasts after each renewal (``SUPERVISOR_LEASE_TIMEOUT``).
+    lease_timeout: float | None = None
+    #: Seconds between automatic lease renewals (``SUPERVISOR_HEARTBEAT_INTERVAL``).
+    heartbeat_interval: float | None = None
+    #: Attempts before the run is dead (``SUPERVISOR_MAX_ATTEMPTS``).
+    max_attempts: int | None = None
+    #: Backoff base, cap and jitter after a retryable error (``SUPERVISOR_BACKOFF*``).
+    backoff: float | None = None
+    backoff_max: float | None = None
+    backoff_jitter: bool | None = None
+    #: Exception types retried / failed at once (``SUPERVISOR_[NON_]RETRYABLE_EXCEPTIONS``).
+    retryable_exceptions: tuple[type[BaseException], ...] | None = None
+    non_retryable_exceptions: tuple[type[BaseException], ...] | None = None
+    #: Seconds an attempt may run before it is revoked and retried (``SUPERVISOR_MAX_RUNTIME``).
+    max_runtime: float | None = None
+    #: Seconds a published attempt may wait unstarted before it is published again.
+    start_timeout: float | None = None
+
+    # ------------------------------------------------------------------ policy
+
+    def resolved_heartbeat_interval(self) -> float:
+        return float(self.heartbeat_interval or supervisor_settings.heartbeat_interval)
+
+    def run_policy(self) -> RunPolicy:
+        lease = float(self.lease_timeout or supervisor_settings.lease_timeout)
+        return RunPolicy(
+            max_attempts=int(self.max_attempts or supervisor_settings.max_attempts),
+            lease_timeout=lease,
+            start_timeout=float(self.start_timeout or supervisor_settings.start_timeout),
+            max_runtime=self.max_runtime if self.max_runtime is not None else supervisor_settings.max_runtime,
+        )
+
+    def retry_policy(self, max_attempts: int | None = None) -> RetryPolicy:
+        s = supervisor_settings
+        return RetryPolicy(
+            max_attempts=int(max_attempts or self.max_attempts or s.max_attempts),
+            backoff=float(self.backoff if self.backoff is not None else s.retry_backoff),
+            backoff_max=float(self.backoff_max if self.backoff_max is not None else s.retry_backoff_max),
+            jitter=bool(self.backoff_jitter if self.backoff_jitter is not None else s.backoff_jitter),
+            retryable=tuple(self.retryable_exceptions)
+            if self.retryable_exceptions is not None
+            else exception_types(s.RETRYABLE_EXCEPTIONS),
+            non_retryable=tuple(self.non_retryable_exceptions)
+            if self.non_retryable_exceptions is not None
+            else exception_types(s.NON_RETRYABLE_EXCEPTIONS),
+        )
+
+    # ------------------------------------------------------------------ dispatch
+
+    def apply_async(
+        self,
+        args: Any = None,
+        kwargs: Any = None,
+        task_id: str | None = None,
+        producer: Any = None,
+        link: Any = None,
+        link_error: Any = None,
+        shadow: Any = None,
+        **options: Any,
+    ) -> Any:
+        """Record the run, then publish it after the surrounding transaction commits.
+
+        If the broker is down the run stays ``queued`` and the supervisor publishes it later.
+        Messages that already carry a run (the supervisor's own publishes) and eager mode go
+        straight to Celery.
+        """
+        headers = options.get("headers") or {}
+        if HEADER_RUN in headers or self.app.conf.task_always_eager:
+            return super().apply_async(args, kwargs, task_id, producer, link, link_error, shadow, **options)
+        if link or link_error:
+            raise NotImplementedError("supervised tasks do not support link/link_error callbacks")
+        if options.get("eta") is not None:
+            raise NotImplementedError("use countdown= with supervised tasks; eta is not supported")
+        run = runs.create_run(
+            self.name,
+            args,
+            kwargs,
+            self.run_policy(),
+            options=options,
+            countdown=options.get("countdown"),
+        )
+        assert run is not None  # only schedule slots can be refused
+        result = self.AsyncResult(run.task_id)
+        # Callers need the run to look it up; AsyncResult has no slot for it, so it is attached.
+        setattr(result, "run_id", run.pk)  # noqa: B010
+        return result
+
+    # ------------------------------------------------------------------ execution
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        request = self.request
+        run_id = getattr(request, HEADER_RUN, None)
+        attempt = getattr(request, HEADER_ATTEMPT, None)
+        if request.called_directly or request.is_eager:
+            return self.run(*args, **kwargs)  # called as a function or eagerly: nothing to supervise
+        if run_id is None and attempt is None:
+            # A plain message with no run: a producer that bypassed apply_async (send_task from
+            # another service, a non-supervising beat). Adopt it: record a run for it here and
+            # execute that run's attempt 1, so a crash from now on is recovered like any other.
+            adopted = self._adopt(args, kwargs)
+            if adopted is None:
+                return self.run(*args, **kwargs)
+            run_id, attempt = adopted, 1
+            setattr(request, HEADER_RUN, run_id)  # self.run_id, effect() and heartbeat() see it
+            setattr(request, HEADER_ATTEMPT, attempt)
+        try:
+            run, number = int(str(run_id)), int(str(attempt))
+        except (TypeError, ValueError):
+            run, number = 0, 0
+        if run < 1 or number < 1:
+            # Half a fencing token is no token: never run such a message outside the fence.
+            logger.error(
+                "%s: message %s has a malformed run/attempt (%r, %r); dropped", self.name, request.id, run_id, attempt
+            )
+            from celery.exceptions import Ignore
+
+            raise Ignore()
+        return execute.execute(self, run, number, args, kwargs)
+
+    def _adopt(self, args: Any, kwargs: Any) -> int | None:
+        """Record a run for a message that carries none; None if it can't be recorded.
+
+        Keyed by the message's Celery id: a redelivery of the same message (a worker lost with it
+        unacknowledged, a connection dropped) finds the run the first delivery recorded, and its
+        attempt 1 is then claimed or refused like any supervised message's: run once, not twice.
+        """
+        from django.db import DatabaseError, IntegrityError
+
+        message_id = str(self.request.id) if self.request.id else None
+        try:
+            run = runs.create_run(
+                self.name,
+                args,
+                kwargs,
+                self.run_policy(),
+                publish=False,
+                adopted_message_id=message_id,
+            )
+        except IntegrityError as exc:
+            # Recorded by an earlier delivery of this very message: that run's attempt 1 is this
+            # one, and the claim decides whether it still runs (it does only if it never started).
+            try:
+                pk = AdoptedMessage.objects.filter(pk=message_id).values_list("run_id", flat=True).first()
+            except DatabaseError as again:
+                self._unsupervised(again)
+                return None
+            if pk is None:
+                self._unsupervised(exc)
+                return None
+            logger.warning("%s: message %s redelivered; adopted before as run %s", self.name, message_id, pk)
+            return int(pk)
+        except (DatabaseError, TypeError, ValueError) as exc:
+            self._unsupervised(exc)
+            return None
+        assert run is not None  # only schedule slots can be refused
+        logger.warning(
+            "%s: message %s carried no run; adopted as run %s (sent without apply_async?)",
+            self.name,
+            self.request.id,
+            run.pk,
+        )
+        return int(run.pk)
+
+    def _unsupervised(self, exc: Exception) -> None:
+        """Nothing can be recorded (database down, arguments not JSON): the message runs as plain
+        Celery would run it, once and unsupervised, and the log says so."""
+        logger.warning(
+            "%s: message %s carries no run and none could be recorded (%s); executed unsupervised",
+            self.name,
+            self.request.id,
+            type(exc).__name__,
+        )
+
+    @property
+    def checkpoint(self) -> Any:
+        """The last checkpoint saved by an earlier attempt of this run (None on a fresh run)."""
+        return getattr(self.request, "supervisor_checkpoint", None)
+
+    @property
+    def run_id(self) -> int | None:
+        value = getattr(self.request, HEADER_RUN, None)
+        return None if value is None else int(value)
+
+    @property
+    def attempt(self) -> int | None:
+        value = getattr(self.request, HEADER_ATTEMPT, None)
+        return None if value is None else int(value)
+
+    @property
+    def idempotency_key(self) -> str | None:
+        """A key that is the same on every attempt of this run, for services that deduplicate on one.
+
+        None outside a supervised execution (called directly, eager).
+        """
+        run_id = self.run_id
+        return None if run_id is None else effects.idempotency_key(run_id)
+
+    def effect(self, key: str) -> AbstractContextManager[bool]:
+        """``with self.effect("key") as first:`` perform a database side effect once per run.
+
+        The block is a transaction holding the effect's record (unique per run and key) and your
+        writes; ``first`` is False when an earlier attempt already committed it. Raises ``LeaseLost``
+        in a zombie whose run was taken over. See :mod:`supervisor_app.idempotency`.
+        """
+        return effects.effect(self.run_id, key, self.attempt)
+
+    def heartbeat(self, progress: Any = None, checkpoint: Any = None) -> None:
+        """Renew the lease now, optionally recording progress and a JSON checkpoint.
+
+        Raises :class:`~supervisor_app.core.errors.LeaseLost` when this agent no longer holds the run
+        (write nothing more), :class:`~supervisor_app.core.errors.RunCancelled` on an operator's cancel.
+        Outside a supervised execution (called directly, eager) it does nothing.
+        """
+        run_id, attempt = self.run_id, self.attempt
+        if run_id is None or attempt is None:
+            return
+        if checkpoint is not None:
+            setattr(self.request, "supervisor_checkpoint", checkpoint)  # noqa: B010
+        execute.heartbeat(run_id, attempt, progress=progress, checkpoint=checkpoint)
