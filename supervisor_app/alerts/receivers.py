@@ -8,27 +8,28 @@ from typing import Any
 
 from .. import signals
 from ..core.alerting import DEAD_REASONS
+from ..core.policies import AlertEvent
 from ..models import SupervisedRun
 from .channels import notify
 
 
 def on_run_dead(sender: Any, run: SupervisedRun, reason: str = "", **kwargs: Any) -> None:
-    notify("dead", [run], DEAD_REASONS.get(reason, ""))
+    notify(AlertEvent.DEAD, [run], DEAD_REASONS.get(reason, ""))
 
 
 def on_run_failed(sender: Any, run: SupervisedRun, **kwargs: Any) -> None:
-    notify("failed", [run])
+    notify(AlertEvent.FAILED, [run])
 
 
 def on_run_recovered(sender: Any, run: SupervisedRun, **kwargs: Any) -> None:
-    notify("recovered", [run])
+    notify(AlertEvent.RECOVERED, [run])
 
 
 def on_run_missed(sender: Any, run: SupervisedRun, reason: str = "", batch: Sequence[Any] = (), **kwargs: Any) -> None:
     """Slots of one schedule missed together (``batch``) make one alert, sent with the first."""
     if batch and batch[0].pk != run.pk:
         return
-    notify("missed", list(batch) or [run], reason)
+    notify(AlertEvent.MISSED, list(batch) or [run], reason)
 
 
 def connect() -> None:
