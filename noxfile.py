@@ -35,6 +35,7 @@ COMMON = [
     "prometheus-client",
     "pytest",
     "pytest-django",
+    "import-linter",  # tests/unit/test_layers.py: the layers contract and the import graph (grimp)
 ]
 
 

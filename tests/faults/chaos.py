@@ -51,6 +51,12 @@ RUNS = int(os.environ.get("CHAOS_RUNS", "500"))
 LEASE = 2.0
 
 
+#: What a Celery worker logs when its consumer gives up (it should exit then; it does not always).
+UNRECOVERABLE = "Unrecoverable error"
+#: Seconds a worker may take to exit after such an error before it counts as hung.
+HUNG_AFTER = 10.0
+
+
 class Chaos:
     def __init__(self, live: Live, rng: random.Random, servers: private.Servers | None) -> None:
         self.live, self.rng, self.servers = live, rng, servers
@@ -63,6 +69,8 @@ class Chaos:
         self.killed: set[str] = set()
         #: Processes that exited on their own, restarted by :meth:`respawn`.
         self.crashed: list[str] = []
+        #: Live workers that logged an unrecoverable error, and when it was first seen (monotonic).
+        self.unrecoverable: dict[str, float] = {}
         self.n = 0
         self.redis = current_app.conf.broker_url.startswith("redis")
 
@@ -125,6 +133,21 @@ class Chaos:
                     self.crashed.append(proc.name)
                     add()
                     self.log.append(f"{proc.name} exited on its own (exit code {code}), restarted")
+                elif code is None and proc.name not in self.killed and UNRECOVERABLE in proc.output():
+                    # Alive but no longer consuming: seen on Redis, a worker whose pool result pipe was
+                    # cut by a SIGKILLed child ("UnpicklingError") hung in its shutdown for minutes. A
+                    # liveness probe (`celery inspect ping`) makes a process manager kill and restart it;
+                    # here, a worker still alive HUNG_AFTER seconds after such an error.
+                    since = self.unrecoverable.setdefault(proc.name, time.monotonic())
+                    if time.monotonic() - since >= HUNG_AFTER:
+                        self.killed.add(proc.name)
+                        self.crashed.append(proc.name)
+                        proc.kill()
+                        add()
+                        self.log.append(
+                            f"{proc.name} still alive {HUNG_AFTER:.0f}s after an unrecoverable error, "
+                            "killed and restarted"
+                        )
 
     # -- processes
 
@@ -288,12 +311,23 @@ def test_chaos(live: Live, capsys: Any) -> None:
         time.sleep(rng.uniform(0.5, 2.0))
     chaos.respawn()
     for beat in chaos.beats:
+        chaos.killed.add(beat.name)  # stopped on purpose: not to be restarted
         beat.stop()
     for procs, add in ((chaos.supervisors, chaos.add_supervisor), (chaos.workers, chaos.add_worker)):
         if not chaos.alive(procs):
             add()
     scheduled = list(SupervisedRun.objects.filter(periodic_task_id=schedule).values_list("pk", flat=True))
-    settle(run_ids + scheduled, timeout=240, watch_leases=False)
+    # Settling, the process manager still restarts what exits or hangs (a broker restart late in the
+    # drain can take every worker with it).
+    settling = time.monotonic() + 240
+    while True:
+        chaos.respawn()
+        try:
+            settle(run_ids + scheduled, timeout=5, watch_leases=False)
+            break
+        except TimeoutError as exc:
+            if time.monotonic() > settling:
+                raise TimeoutError(f"not settled in 240 s ({exc}); faults: {'; '.join(chaos.log)}") from None
     # A slot may be `missed` when both beats were down or the database was, past the start window.
     verdict = check(run_ids + scheduled, expect=["succeeded", "dead", "missed"])
     dead = verdict.statuses["dead"]
