@@ -8,6 +8,7 @@ expiry reach the first message and every republished one alike.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
@@ -81,8 +82,6 @@ def schedule_options(pt: Any) -> dict[str, Any]:
     """The options a django-celery-beat ``PeriodicTask`` gives its messages, as ``ModelEntry`` does:
     queue, exchange, routing key, priority, expiry (``expires`` or ``expire_seconds``) and headers
     (with ``periodic_task_name``). Raises ``ValueError`` when the headers are not a JSON object."""
-    import json
-
     options: dict[str, Any] = {
         k: getattr(pt, k) for k in ("queue", "exchange", "routing_key", "priority") if getattr(pt, k) is not None
     }

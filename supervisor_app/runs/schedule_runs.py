@@ -16,13 +16,9 @@ from .publishing import publish_by_id
 def expire_unstarted(run_id: int, why: str) -> SupervisedRun | None:
     """A scheduled run's first attempt did not start inside its start window: ``missed``, unless a
     worker claimed it meanwhile (then None). Returns the run, for the alert."""
-    with transaction.atomic():
-        if (
-            not rows.of(EXPIRE_UNSTARTED, run_id, attempt=1)
-            .filter(started_at__isnull=True)
-            .update(status=EXPIRE_UNSTARTED.target, finished_at=Now(), next_check_at=None, last_error=why)
-        ):
-            return None
+    expired = rows.of(EXPIRE_UNSTARTED, run_id, attempt=1).filter(started_at__isnull=True)
+    if not expired.update(status=EXPIRE_UNSTARTED.target, finished_at=Now(), next_check_at=None, last_error=why):
+        return None
     return SupervisedRun.objects.get(pk=run_id)
 
 

@@ -14,7 +14,6 @@ from zoneinfo import ZoneInfo
 
 from django.db.models import OuterRef, Subquery
 
-from .. import registry
 from ..broker import schedule_options
 from ..conf import supervisor_settings
 from ..core import slots
@@ -24,11 +23,6 @@ from ..models import SupervisedRun, SupervisionPolicy
 if TYPE_CHECKING:
     from celery.schedules import crontab
     from django_celery_beat.models import CrontabSchedule, PeriodicTask
-
-
-def supervised_task_names(app: Any = None) -> set[str]:
-    """Names of the registered tasks that are ``SupervisedTask``s (the scheduler's business)."""
-    return registry.supervised_task_names(app)
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from django.db.models import Count, F
 from django.utils import timezone
 from django_celery_beat.models import CrontabSchedule, IntervalSchedule, PeriodicTask
 
-from supervisor_app import broker, runs, signals
+from supervisor_app import broker, registry, runs, signals
 from supervisor_app.core import slots
 from supervisor_app.core.states import RunStatus
 from supervisor_app.models import SupervisedRun, SupervisionPolicy
@@ -40,7 +40,7 @@ def make_schedule(task: str = "project.tasks.noop", every: int = EVERY, **policy
 
 
 def define(pt: PeriodicTask) -> definitions.ScheduleDef:
-    definitions.supervised_task_names(current_app)  # imports the tasks, so a test can run on its own
+    registry.supervised_task_names(current_app)  # imports the tasks, so a test can run on its own
     pt = PeriodicTask.objects.select_related("supervision", "interval", "crontab").get(pk=pt.pk)
     return definitions.definition_for(pt, current_app.tasks[pt.task])
 
@@ -368,7 +368,7 @@ def test_schedules_with_equal_crontab_values_share_one_parse(monkeypatch: Any) -
     # Two rows with the same values (the admin makes such duplicates), one row with others.
     a, b, c = crontab_schedule(), crontab_schedule(), crontab_schedule(minute="30")
     assert a.crontab_id != b.crontab_id
-    definitions.supervised_task_names(current_app)
+    registry.supervised_task_names(current_app)
     definitions.parse_crontab.cache_clear()
     parses: list[str] = []
     parse = crontab.__init__
@@ -400,7 +400,7 @@ def test_a_schedule_that_cannot_be_read_is_left_out_with_a_warning(caplog: pytes
 
     good, bad = crontab_schedule(), crontab_schedule()
     PeriodicTask.objects.filter(pk=bad.pk).update(headers="{not json")
-    definitions.supervised_task_names(current_app)
+    registry.supervised_task_names(current_app)
     entries = loaded(SupervisedScheduler(app=current_app, lazy=True))
     assert good.name in entries and bad.name not in entries
     assert f"schedule {bad.name!r} cannot be read" in caplog.text

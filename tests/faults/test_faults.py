@@ -29,7 +29,7 @@ from django.utils import timezone
 from project.models import Execution
 from project.processes import wait_until
 from project.tasks import bad_heartbeat, effect_job
-from supervisor_app import broker, runs
+from supervisor_app import broker, registry, runs
 from supervisor_app.core.states import TERMINAL_STATUSES
 from supervisor_app.models import RunAttempt, SupervisedRun
 from supervisor_app.supervisor import run_sweep
@@ -446,11 +446,9 @@ def test_lease_decisions_ignore_the_callers_clock(sent: list[Any], monkeypatch: 
 def test_an_unknown_task_on_a_schedule_is_not_supervised_and_breaks_nothing(sent: list[Any]) -> None:
     from django_celery_beat.models import IntervalSchedule, PeriodicTask
 
-    from supervisor_app.scheduling import definitions
-
     interval, _ = IntervalSchedule.objects.get_or_create(every=1, period=IntervalSchedule.SECONDS)
     pt = PeriodicTask.objects.create(name="ghost", task="no.such.task", interval=interval)
-    assert "no.such.task" not in definitions.supervised_task_names()
+    assert "no.such.task" not in registry.supervised_task_names()
     report = run_sweep("sup")  # the missed-slot phase reads every schedule
     assert not SupervisedRun.objects.filter(periodic_task=pt).exists() and not report.truncated
     record(
