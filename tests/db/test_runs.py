@@ -379,3 +379,22 @@ def test_a_schedule_policy_backoff_wins_over_the_task_default(sent: list[Any], f
     chosen = effective_retry_policy(flaky, scheduled.pk, 3)
     assert (chosen.backoff, chosen.backoff_max) == (30.0, 300.0)
     assert effective_retry_policy(flaky, adhoc.pk, 3).backoff == 0.2  # ad-hoc runs: the task's
+
+
+def test_publishing_one_run_by_id_returns_its_producer(
+    sent: list[Any], monkeypatch: pytest.MonkeyPatch, dispatched: Callable[..., int]
+) -> None:
+    """The sweep's queue_one release publishes by id: it used to keep a producer out of the pool each time."""
+    from supervisor_app.runs import publishing
+
+    run_id = dispatched()
+    closed: list[bool] = []
+    real_close = publishing.RunPublisher.close
+
+    def close(self: Any) -> None:
+        closed.append(True)
+        real_close(self)
+
+    monkeypatch.setattr(publishing.RunPublisher, "close", close)
+    assert publishing.publish_by_id(run_id)
+    assert closed == [True] and sent[-1][0] == run_id
