@@ -8,6 +8,7 @@ STAMP  := $(VENV)/.installed-stamp
 TEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/supervisor_app
 TEST_BROKER_URL   ?= amqp://guest:guest@127.0.0.1:5672//
 TEST_REDIS_URL    ?= redis://127.0.0.1:6379/15
+TEST_QUEUE        ?= supervisor-test
 
 .PHONY: demo test test-sqlite test-postgres test-restarts lint bench chaos clean
 
@@ -27,7 +28,7 @@ demo: $(STAMP)
 test: $(STAMP) lint test-postgres test-restarts test-sqlite
 
 test-postgres: $(STAMP)
-	DATABASE_URL=$(TEST_DATABASE_URL) CELERY_BROKER_URL=$(TEST_BROKER_URL) CELERY_TASK_DEFAULT_QUEUE=supervisor-test SUPERVISOR_TEST_REDIS_URL=$(TEST_REDIS_URL) \
+	DATABASE_URL=$(TEST_DATABASE_URL) CELERY_BROKER_URL=$(TEST_BROKER_URL) CELERY_TASK_DEFAULT_QUEUE=$(TEST_QUEUE) SUPERVISOR_TEST_REDIS_URL=$(TEST_REDIS_URL) \
 		$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # PostgreSQL, RabbitMQ and Redis started on other ports for these tests alone (tests/faults/servers.py):

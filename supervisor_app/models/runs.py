@@ -41,6 +41,10 @@ class SupervisedRun(models.Model):
 
     worker = models.CharField(max_length=255, blank=True, default="")
     task_id = models.CharField(max_length=255, blank=True, default="", help_text="Celery id of the current attempt.")
+    #: Drawn by the agent for each claim and required by its renewals and final write: the fence is
+    #: unique per claim, so two agents that both claimed one attempt number (a claim forgotten by a
+    #: database crash under asynchronous commit, then the attempt published again) never share a lease.
+    lease_token = models.UUIDField(null=True, blank=True, editable=False)
     heartbeat_at = models.DateTimeField(null=True, blank=True)
     lease_expires_at = models.DateTimeField(null=True, blank=True)
     lease_timeout = models.DurationField(help_text="Lease length granted at claim and renewal.")
