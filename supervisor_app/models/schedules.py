@@ -77,6 +77,18 @@ class SupervisionPolicy(models.Model):
         validators=[URLValidator(schemes=["http", "https"])],
         help_text="Alerts are POSTed here as JSON (from a task). SUPERVISOR_ALERT_WEBHOOK_URL if empty.",
     )
+    pause_after_failures = models.PositiveIntegerField(
+        null=True,
+        blank=True,
+        help_text="Disable the schedule after this many consecutive failed or dead runs. "
+        "SUPERVISOR_PAUSE_AFTER_FAILURES if empty (never by default).",
+    )
+    #: Consecutive failures are counted among the runs recorded after this time: set when the
+    #: schedule is enabled again, so re-enabling a paused schedule starts the count from zero.
+    failures_counted_from = models.DateTimeField(null=True, blank=True, editable=False)
+    #: When (and why) the schedule was disabled after failures; cleared when it is enabled again.
+    paused_at = models.DateTimeField(null=True, blank=True, editable=False)
+    paused_reason = models.CharField(max_length=255, blank=True, default="", editable=False)
 
     class Meta:
         verbose_name = "supervision policy"
