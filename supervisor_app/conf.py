@@ -127,6 +127,26 @@ SETTINGS: dict[str, Setting] = {
             "next `heartbeat()`. Bodies must let these exceptions propagate.",
         ),
         Setting(
+            "AGENT_SOCKET_TIMEOUT",
+            None,
+            "Seconds after which a worker's PostgreSQL socket that gets no answer from the server (a "
+            "network partition that drops packets) fails instead of blocking (TCP keepalives and "
+            "`TCP_USER_TIMEOUT`, Linux). Applied to every connection a worker process opens, so the "
+            "lease keeper, `heartbeat()` and the final write never hang past the lease; a server busy "
+            "with a long query still answers at the TCP level and is not affected. None means a "
+            "third of the lease timeout (at least 2 s); 0 leaves sockets alone.",
+            duration=True,
+        ),
+        Setting(
+            "STOP_GRACE",
+            10.0,
+            "Seconds a body has to stop after it was interrupted (lease lost or unprovable, timed out, "
+            "cancelled). A prefork pool process whose body is still that very attempt after this grace "
+            "exits, so nothing of it goes on; Celery replaces the process. None: never exit (the body "
+            "runs to its end, and its writes are fenced).",
+            duration=True,
+        ),
+        Setting(
             "REQUIRE_BEAT",
             None,
             "Whether health checks require a live beat. None: required when any periodic task is enabled.",

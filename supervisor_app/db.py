@@ -6,7 +6,10 @@ One clock: every lease, deadline and lateness is judged by the database's ``stat
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import logging
+import os
+import socket
+from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from datetime import timezone as dt_timezone
 from typing import Any
@@ -18,6 +21,8 @@ from django.db.models.expressions import Combinable
 from django.db.models.functions import Now
 from django.db.models.sql import UpdateQuery
 from django.utils import timezone
+
+logger = logging.getLogger("supervisor_app")
 
 
 def db_now(using: str = "default") -> datetime:
@@ -88,17 +93,13 @@ def single_statement_connection(using: str) -> Any:
     return conn if conn.vendor == "postgresql" and not conn.in_atomic_block else None
 
 
-def execute_async_commit(cursor: Any, sql: str, params: Mapping[str, Any] | Sequence[Any], enabled: bool) -> None:
-    """Run a recoverable write without waiting for its WAL flush, when ``enabled``.
-
-    ``SET LOCAL synchronous_commit TO off`` and the write go in one query string: the statements of
-    one string run in one implicit transaction, so the ``SET LOCAL`` covers exactly that write.
-    """
-    if enabled:
-        cursor.execute("SET LOCAL synchronous_commit TO off; " + sql, params)
-        cursor.nextset()
-    else:
-        cursor.execute(sql, params)
+#: Appended to the ``WHERE`` of a recoverable single-statement write run outside a transaction block:
+#: ``SET LOCAL synchronous_commit TO off`` said inside the statement itself. A row is written only
+#: if every condition held, this one included, so the statement's implicit transaction commits
+#: without waiting for its WAL flush exactly when it wrote. One statement, not ``SET LOCAL …; UPDATE``
+#: in one string: psycopg2 (``nextset``), psycopg 3's server-side binding (prepared statements
+#: take one command) and PgBouncer all refuse or mishandle multi-statement strings.
+ASYNC_COMMIT_CONDITION = " AND set_config('synchronous_commit', 'off', true) IS NOT NULL"
 
 
 def drop_broken_connection(always_check: bool = False) -> None:
@@ -122,3 +123,106 @@ def recover_connection() -> None:
 
     close_old_connections()
     drop_broken_connection(always_check=True)
+
+
+# ---------------------------------------------------------------- sockets that can't hang an agent
+
+
+def socket_fd() -> int | None:
+    """The socket of this thread's open PostgreSQL connection (None: not open, or not PostgreSQL)."""
+    raw = connection.connection
+    if raw is None or connection.vendor != "postgresql":
+        return None
+    try:
+        return int(raw.fileno())
+    except Exception:  # closed under our feet
+        return None
+
+
+def _tcp(fd: int) -> socket.socket | None:
+    """A socket object on a duplicate of ``fd`` when it is a TCP socket (not a Unix socket)."""
+    try:
+        sock = socket.socket(fileno=os.dup(fd))
+    except OSError:
+        return None
+    if sock.family not in (socket.AF_INET, socket.AF_INET6) or sock.type != socket.SOCK_STREAM:
+        sock.close()
+        return None
+    return sock
+
+
+def bound_socket(fd: int, seconds: float) -> bool:
+    """Make a silent peer fail the socket within about ``seconds`` instead of never.
+
+    A partition that drops packets leaves a blocked read waiting for ever (no keepalives by default)
+    and unacknowledged writes for about 15 minutes of retransmissions. Keepalives probe an idle
+    socket; ``TCP_USER_TIMEOUT`` bounds how long sent data (probes included) may stay unacknowledged.
+    A server busy with a long query still acknowledges at the TCP level, so it is not affected.
+    """
+    sock = _tcp(fd)
+    if sock is None:
+        return False
+    try:
+        idle = max(1, int(seconds / 3))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        if hasattr(socket, "TCP_KEEPIDLE"):  # Linux; other systems keep their own keepalive timing
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, max(1, int(seconds / 6)))
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
+        if hasattr(socket, "TCP_USER_TIMEOUT"):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(seconds * 1000))
+        return True
+    except OSError as exc:
+        logger.debug("could not bound the database socket (%s)", exc)
+        return False
+    finally:
+        sock.close()  # the duplicate only; the options belong to the shared socket
+
+
+def cut_socket(fd: int) -> None:
+    """Shut a connection's TCP socket down from another thread: a read blocked on it returns at once
+    and its driver raises, so the thread is free again (the connection is then dropped)."""
+    sock = _tcp(fd)
+    if sock is None:
+        return
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    finally:
+        sock.close()
+
+
+_bounded: list[Callable[[], float]] = []
+
+
+def bound_agent_sockets(seconds: Callable[[], float]) -> None:
+    """From now on, every PostgreSQL connection this process opens gets :func:`bound_socket`
+    (``seconds()`` read at each connection); the current thread's open connection too.
+
+    Called by the agent in worker processes only: the web process and the supervisor keep their
+    sockets as configured.
+    """
+    from django.db.backends.signals import connection_created
+
+    if not _bounded:
+        _bounded.append(seconds)
+        connection_created.connect(_on_connection_created, dispatch_uid="supervisor_app.bound_sockets")
+    fd = socket_fd()
+    if fd is not None:
+        value = seconds()
+        if value > 0:
+            bound_socket(fd, value)
+
+
+def _on_connection_created(sender: Any, connection: Any, **kwargs: Any) -> None:
+    if connection.vendor != "postgresql" or not _bounded:
+        return
+    value = _bounded[0]()
+    if value <= 0:
+        return
+    try:
+        fd = int(connection.connection.fileno())
+    except Exception:
+        return
+    bound_socket(fd, value)

@@ -1,17 +1,24 @@
 """The agent's writes: claim an attempt, renew its lease, finish it, all fenced by the attempt number.
 
-Every write here is ``UPDATE … WHERE id = ? AND attempt = ? AND status = <the move's source>``: a
-delivery that lost the race, a superseded attempt or a zombie whose lease expired matches no row and
-writes nothing. On PostgreSQL the claim and the success are one statement each (a CTE updating the
-run and its attempt row), so a no-op run costs three statements: dispatch, claim, finish. Statuses
-reach the SQL as parameters, from the moves of ``core.states``.
+Every write here is ``UPDATE … WHERE id = ? AND attempt = ? AND lease_token = ? AND status = <the
+move's source>``: a delivery that lost the race, a superseded attempt or a zombie whose lease expired
+matches no row and writes nothing. The token is drawn by the agent for each claim, so the fence is
+unique per claim even when two agents claim the same attempt number (a claim forgotten by a database
+crash under asynchronous commit, then published again).
+
+On PostgreSQL the claim and the success are one statement each (a CTE updating the run and its
+attempt row), so a no-op run costs three statements: dispatch, claim, finish. Never a
+multi-statement string: psycopg2, psycopg 3 with server-side binding (prepared statements) and
+PgBouncer in transaction mode all accept one statement. Statuses reach the SQL as parameters, from
+the moves of ``core.states``.
 """
 
 from __future__ import annotations
 
 import json
 import operator
-from collections.abc import Iterable
+import uuid
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from functools import reduce
@@ -25,7 +32,7 @@ from .. import signals
 from ..conf import supervisor_settings
 from ..core.retry import FailureDecision
 from ..core.states import CLAIM, FAILURE_MOVES, STOP_CANCELLED, SUCCEED, AttemptOutcome, RunStatus
-from ..db import after, execute_async_commit, single_statement_connection, update_returning
+from ..db import ASYNC_COMMIT_CONDITION, after, single_statement_connection, update_returning
 from ..models import RunAttempt, SupervisedRun, SupervisionPolicy
 from . import rows
 from .notify import send_on_commit
@@ -40,6 +47,8 @@ class Claim:
     max_attempts: int
     lease_timeout: float
     checkpoint: Any
+    #: The fence of this claim: every later write of the agent carries it.
+    token: str = ""
 
 
 @dataclass(frozen=True)
@@ -54,8 +63,9 @@ WITH claimed AS (
         lease_expires_at = now() + lease_timeout,
         deadline_at = CASE WHEN max_runtime IS NULL THEN NULL ELSE now() + max_runtime END,
         next_check_at = NULL, finished_at = NULL,
-        task_id = COALESCE(NULLIF(%(task_id)s, ''), task_id)
-    WHERE id = %(run_id)s AND attempt = %(attempt)s AND status = %(source)s
+        task_id = COALESCE(NULLIF(%(task_id)s::text, ''), task_id), lease_token = %(token)s::uuid
+    WHERE id = %(run_id)s AND attempt = %(attempt)s
+        AND (status = %(source)s OR (status = %(target)s AND lease_token = %(token)s::uuid)){async_commit}
     RETURNING id, attempt, max_attempts, lease_timeout, checkpoint
 ), started AS (
     INSERT INTO {attempt} (run_id, number, task_id, worker, outcome, created_at, started_at, error, traceback)
@@ -71,6 +81,7 @@ WITH finished AS (
     UPDATE {run} SET status = %(target)s, finished_at = now(), lease_expires_at = NULL, deadline_at = NULL,
         last_error = ''
     WHERE id = %(run_id)s AND attempt = %(attempt)s AND status = %(source)s
+        AND lease_token IS NOT DISTINCT FROM COALESCE(%(token)s::uuid, lease_token){async_commit}
     RETURNING id, attempt
 ), ended AS (
     UPDATE {attempt} AS a SET outcome = %(outcome)s, ended_at = now()
@@ -81,8 +92,9 @@ SELECT count(*) FROM finished
 
 _RENEW_PG = """
 UPDATE {run} AS r SET heartbeat_at = now(), lease_expires_at = now() + r.lease_timeout
-FROM unnest(%s::bigint[], %s::integer[]) AS l(id, attempt)
+FROM unnest(%s::bigint[], %s::integer[], %s::uuid[]) AS l(id, attempt, token)
 WHERE r.id = l.id AND r.attempt = l.attempt AND r.status = %s
+    AND r.lease_token IS NOT DISTINCT FROM COALESCE(l.token, r.lease_token){async_commit}
 RETURNING r.id, r.attempt, r.cancel_requested
 """
 
@@ -92,32 +104,40 @@ def _using() -> str:
 
 
 def _sql(template: str, conn: Any) -> str:
+    """An agent statement, without waiting for its WAL flush when ``SUPERVISOR_ASYNC_AGENT_COMMIT`` allows.
+
+    Safe because every agent write is recoverable: if PostgreSQL crashes and forgets the last
+    fraction of a second of them, a forgotten claim looks queued (republished, and the unique lease
+    token fences the forgotten claimant), a forgotten renewal or finish looks like an expired lease
+    (recovered). Dispatch never does this: a recorded run must survive a crash.
+    """
+    enabled = bool(supervisor_settings.raw("ASYNC_AGENT_COMMIT"))
     return template.format(
         run=conn.ops.quote_name(SupervisedRun._meta.db_table),
         attempt=conn.ops.quote_name(RunAttempt._meta.db_table),
+        async_commit=ASYNC_COMMIT_CONDITION if enabled else "",
     )
 
 
-def _agent_execute(cursor: Any, sql: str, params: Any) -> None:
-    """An agent write, without waiting for its WAL flush when ``SUPERVISOR_ASYNC_AGENT_COMMIT`` allows.
-
-    Safe because every agent write is recoverable: if PostgreSQL crashes and forgets the last
-    fraction of a second of them, a forgotten claim looks queued (republished), a forgotten renewal
-    or finish looks like an expired lease (recovered). Dispatch never does this: a recorded run
-    must survive a crash.
-    """
-    execute_async_commit(cursor, sql, params, bool(supervisor_settings.raw("ASYNC_AGENT_COMMIT")))
+def _token(token: str | uuid.UUID | None) -> str | None:
+    return None if token is None else str(token)
 
 
-def claim(run_id: int, attempt: int, worker: str, task_id: str = "") -> Claim | None:
+def claim(run_id: int, attempt: int, worker: str, task_id: str = "", token: str | None = None) -> Claim | None:
     """queued → running for attempt ``attempt``; None when another delivery or attempt has it.
+
+    ``token`` (drawn here when not given) fences every later write of this claim. Retrying with the
+    same token is idempotent: a claim whose reply was lost (the connection dropped after the commit)
+    is granted again to the same call instead of being refused, which would burn the attempt.
 
     On PostgreSQL one statement claims the run and starts the attempt's row. Elsewhere, two in a
     transaction.
     """
+    token = token or str(uuid.uuid4())
     conn = single_statement_connection(_using())
     if conn is not None:
         params = {
+            "token": token,
             "run_id": run_id,
             "attempt": attempt,
             "worker": worker[:255],
@@ -127,12 +147,12 @@ def claim(run_id: int, attempt: int, worker: str, task_id: str = "") -> Claim | 
             "outcome": AttemptOutcome.RUNNING.value,
         }
         with conn.cursor() as cursor:
-            _agent_execute(cursor, _sql(_CLAIM_PG, conn), params)
+            cursor.execute(_sql(_CLAIM_PG, conn), params)
             row = cursor.fetchone()
         if row is None:
             return None
         checkpoint = None if row[2] is None else json.loads(row[2])
-        return Claim(run_id, attempt, int(row[0]), row[1].total_seconds(), checkpoint)
+        return Claim(run_id, attempt, int(row[0]), row[1].total_seconds(), checkpoint, token)
     values: dict[str, Any] = dict(
         status=CLAIM.target,
         worker=worker[:255],
@@ -146,13 +166,15 @@ def claim(run_id: int, attempt: int, worker: str, task_id: str = "") -> Claim | 
         ),
         next_check_at=None,
         finished_at=None,
+        lease_token=token,
     )
     if task_id:
         values["task_id"] = task_id[:255]
+    claimable = SupervisedRun.objects.filter(
+        Q(status=CLAIM.source) | Q(status=CLAIM.target, lease_token=token), pk=run_id, attempt=attempt
+    )
     with transaction.atomic():
-        claimed = update_returning(
-            rows.of(CLAIM, run_id, attempt), ["max_attempts", "lease_timeout", "checkpoint"], **values
-        )
+        claimed = update_returning(claimable, ["max_attempts", "lease_timeout", "checkpoint"], **values)
         if not claimed:
             return None
         started = dict(worker=worker[:255], task_id=task_id[:255], outcome=AttemptOutcome.RUNNING, started_at=Now())
@@ -161,30 +183,40 @@ def claim(run_id: int, attempt: int, worker: str, task_id: str = "") -> Claim | 
         if attempt == 1 or not RunAttempt.objects.filter(run_id=run_id, number=attempt).update(**started):
             RunAttempt.objects.create(run_id=run_id, number=attempt, **started)
     row = claimed[0]
-    return Claim(run_id, attempt, row["max_attempts"], row["lease_timeout"].total_seconds(), row["checkpoint"])
+    return Claim(run_id, attempt, row["max_attempts"], row["lease_timeout"].total_seconds(), row["checkpoint"], token)
 
 
-def renew_leases(leases: Iterable[tuple[int, int]]) -> dict[tuple[int, int], LeaseState]:
+def renew_leases(
+    leases: Iterable[tuple[int, int]], tokens: Mapping[tuple[int, int], str] | None = None
+) -> dict[tuple[int, int], LeaseState]:
     """Renew every lease a worker process holds in one statement.
 
-    Returns the state of each lease asked for: ``held=False`` when the attempt was superseded or
-    finished (the agent must stop), ``cancel_requested`` when an operator asked to cancel.
+    ``tokens`` gives each lease's claim token (the fence); a lease without one is matched by
+    attempt alone. Returns the state of each lease asked for: ``held=False`` when the attempt was
+    superseded, finished or claimed by another agent (the agent must stop), ``cancel_requested``
+    when an operator asked to cancel.
     """
     wanted = list(leases)
     if not wanted:
         return {}
+    tokens = tokens or {}
     conn = connections[_using()]
     held: dict[tuple[int, int], bool]
     if conn.vendor == "postgresql":
         # One statement whatever the number of leases: the (id, attempt) pairs travel as two arrays,
         # so the SQL text and its plan do not grow with N (an OR of N conditions would).
         with conn.cursor() as cursor:
-            params = [[w[0] for w in wanted], [w[1] for w in wanted], RunStatus.RUNNING.value]
-            _agent_execute(cursor, _sql(_RENEW_PG, conn), params)
+            params: list[Any] = [
+                [w[0] for w in wanted],
+                [w[1] for w in wanted],
+                [_token(tokens.get(w)) for w in wanted],
+                RunStatus.RUNNING.value,
+            ]
+            cursor.execute(_sql(_RENEW_PG, conn), params)
             held = {(int(a), int(b)): bool(c) for a, b, c in cursor.fetchall()}
     else:
         # Fenced by (id, attempt): a zombie's renewal matches no row and touches nothing.
-        match = reduce(operator.or_, (Q(pk=run_id, attempt=attempt) for run_id, attempt in wanted))
+        match = reduce(operator.or_, (_fence(key, tokens.get(key)) for key in wanted))
         renewed = update_returning(
             SupervisedRun.objects.filter(match, status=RunStatus.RUNNING),
             ["id", "attempt", "cancel_requested"],
@@ -195,7 +227,15 @@ def renew_leases(leases: Iterable[tuple[int, int]]) -> dict[tuple[int, int], Lea
     return {key: LeaseState(key in held, bool(held.get(key, False))) for key in wanted}
 
 
-def heartbeat(run_id: int, attempt: int, progress: Any = None, checkpoint: Any = None) -> LeaseState:
+def _fence(key: tuple[int, int], token: str | None) -> Q:
+    """The row of attempt ``key`` as this claim holds it (any claim of that attempt without a token)."""
+    q = Q(pk=key[0], attempt=key[1])
+    return q if token is None else q & Q(lease_token=token)
+
+
+def heartbeat(
+    run_id: int, attempt: int, progress: Any = None, checkpoint: Any = None, token: str | None = None
+) -> LeaseState:
     """An explicit heartbeat from task code, optionally saving progress and a checkpoint."""
     values: dict[str, Any] = dict(heartbeat_at=Now(), lease_expires_at=after(F("lease_timeout")))
     if progress is not None:
@@ -204,7 +244,7 @@ def heartbeat(run_id: int, attempt: int, progress: Any = None, checkpoint: Any =
         json.dumps(checkpoint)  # a checkpoint that can't be stored is the caller's bug: fail loudly
         values["checkpoint"] = checkpoint
     renewed = update_returning(
-        SupervisedRun.objects.filter(pk=run_id, attempt=attempt, status=RunStatus.RUNNING),
+        SupervisedRun.objects.filter(_fence((run_id, attempt), token), status=RunStatus.RUNNING),
         ["cancel_requested"],
         **values,
     )
@@ -225,11 +265,12 @@ def schedule_backoff(run_id: int) -> tuple[float | None, float | None]:
     return tuple(None if d is None else d.total_seconds() for d in row)  # type: ignore[return-value]
 
 
-def finish_success(run_id: int, attempt: int, worker: str = "") -> bool:
-    """running → succeeded, fenced by the attempt. False: the lease was lost, nothing written."""
+def finish_success(run_id: int, attempt: int, worker: str = "", token: str | None = None) -> bool:
+    """running → succeeded, fenced by the attempt and claim. False: the lease was lost, nothing written."""
     conn = single_statement_connection(_using())
     if conn is not None:
         params = {
+            "token": _token(token),
             "run_id": run_id,
             "attempt": attempt,
             "source": SUCCEED.source,
@@ -237,7 +278,7 @@ def finish_success(run_id: int, attempt: int, worker: str = "") -> bool:
             "outcome": AttemptOutcome.SUCCEEDED.value,
         }
         with conn.cursor() as cursor:
-            _agent_execute(cursor, _sql(_SUCCEED_PG, conn), params)
+            cursor.execute(_sql(_SUCCEED_PG, conn), params)
             won = cursor.fetchone()[0] == 1
         if won:
             send_on_commit(signals.run_succeeded, run_id, attempt=attempt)
@@ -246,7 +287,7 @@ def finish_success(run_id: int, attempt: int, worker: str = "") -> bool:
             rows.fenced(run_id, attempt, worker, "completion")
         return False
     with transaction.atomic():
-        if not rows.of(SUCCEED, run_id, attempt).update(**rows.ended(SUCCEED), last_error=""):
+        if not rows.of(SUCCEED, run_id, attempt, token).update(**rows.ended(SUCCEED), last_error=""):
             rows.fenced(run_id, attempt, worker, "completion")
             return False
         rows.finish_attempt(run_id, attempt, AttemptOutcome.SUCCEEDED)
@@ -254,8 +295,16 @@ def finish_success(run_id: int, attempt: int, worker: str = "") -> bool:
     return True
 
 
-def finish_failure(run_id: int, attempt: int, decision: FailureDecision, error: str, tb: str, worker: str = "") -> bool:
-    """running → failed / retrying / dead as ``decision`` says, fenced by the attempt."""
+def finish_failure(
+    run_id: int,
+    attempt: int,
+    decision: FailureDecision,
+    error: str,
+    tb: str,
+    worker: str = "",
+    token: str | None = None,
+) -> bool:
+    """running → failed / retrying / dead as ``decision`` says, fenced by the attempt and claim."""
     move = FAILURE_MOVES[decision.status]
     values: dict[str, Any] = dict(status=move.target, lease_expires_at=None, deadline_at=None, last_error=error[:10000])
     if move.target == RunStatus.RETRYING:
@@ -263,7 +312,7 @@ def finish_failure(run_id: int, attempt: int, decision: FailureDecision, error: 
     else:
         values["finished_at"] = Now()
     with transaction.atomic():
-        if not rows.of(move, run_id, attempt).update(**values):
+        if not rows.of(move, run_id, attempt, token).update(**values):
             rows.fenced(run_id, attempt, worker, "failure report")
             return False
         rows.finish_attempt(run_id, attempt, AttemptOutcome.FAILED, error, tb)
@@ -276,11 +325,11 @@ def finish_failure(run_id: int, attempt: int, decision: FailureDecision, error: 
     return True
 
 
-def finish_cancelled(run_id: int, attempt: int, worker: str = "") -> bool:
+def finish_cancelled(run_id: int, attempt: int, worker: str = "", token: str | None = None) -> bool:
     """The agent stopped on an operator's cancel request."""
     with transaction.atomic():
         if (
-            not rows.of(STOP_CANCELLED, run_id, attempt)
+            not rows.of(STOP_CANCELLED, run_id, attempt, token)
             .filter(cancel_requested=True)
             .update(**rows.ended(STOP_CANCELLED))
         ):

@@ -133,13 +133,15 @@ def recover_lost_batch(
 
 
 def time_out(run: SupervisedRun, publisher: RunPublisher) -> str | None:
-    """Past max runtime: revoke the attempt (after commit) and start a new one or bury the run.
+    """Past max runtime: start a new attempt or bury the run.
 
-    A run an operator cancelled is past its cancel grace instead: it ends ``cancelled``.
+    The timed-out attempt is stopped by its own agent: its next lease renewal is refused and its
+    lease keeper interrupts the body in-process (no ``revoke(terminate=True)``, whose signal may land
+    on the next task the pool process runs). A run an operator cancelled is past its cancel grace
+    instead: it ends ``cancelled``.
     """
     if run.cancel_requested:
         return force_cancel(run)
-    old_task_id = run.task_id
     timed_out = run.attempt
     status = _requeue_or_bury(
         run,
@@ -149,15 +151,14 @@ def time_out(run: SupervisedRun, publisher: RunPublisher) -> str | None:
         publisher,
         lambda: send_on_commit(signals.run_timed_out, run.pk, timed_out_attempt=timed_out),
     )
-    if status is not None and old_task_id:
-        transaction.on_commit(lambda: broker.revoke(old_task_id))
     return status
 
 
 def force_cancel(run: SupervisedRun) -> str | None:
-    """A cancelled run whose body did not stop within the grace period: end it, revoke the attempt.
+    """A cancelled run whose body did not stop within the grace period: end it.
 
-    The attempt is fenced like any other: if its body still finishes, its write is refused.
+    The attempt is fenced like any other: its next renewal is refused, so its lease keeper stops the
+    body in-process, and if the body still finishes, its write is refused.
     """
     if not rows.of(FORCE_CANCEL, run.pk, run.attempt).filter(cancel_requested=True).update(**rows.ended(FORCE_CANCEL)):
         return None
@@ -165,9 +166,6 @@ def force_cancel(run: SupervisedRun) -> str | None:
         run.pk, run.attempt, AttemptOutcome.CANCELLED, "cancelled by an operator; not stopped within the grace period"
     )
     send_on_commit(signals.run_cancelled, run.pk, attempt=run.attempt)
-    if run.task_id:
-        task_id = run.task_id
-        transaction.on_commit(lambda: broker.revoke(task_id))
     return FORCE_CANCEL.target
 
 

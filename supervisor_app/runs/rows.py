@@ -46,12 +46,15 @@ def requeued(move: Move, run: SupervisedRun, next_attempt: int) -> dict[str, Any
     )
 
 
-def of(move: Move, run_id: int, attempt: int | None = None) -> Any:
-    """The run, if it is still where ``move`` starts (and on ``attempt``, the fencing token)."""
+def of(move: Move, run_id: int, attempt: int | None = None, token: str | None = None) -> Any:
+    """The run, if it is still where ``move`` starts (and on ``attempt``, held by the claim ``token``:
+    the agent's fence; the supervisor's and operators' moves fence by attempt alone)."""
     sources = move.source_list
     status = {"status": sources[0]} if len(sources) == 1 else {"status__in": sources}
     qs = SupervisedRun.objects.filter(pk=run_id, **status)
-    return qs if attempt is None else qs.filter(attempt=attempt)
+    if attempt is not None:
+        qs = qs.filter(attempt=attempt)
+    return qs if token is None else qs.filter(lease_token=token)
 
 
 def finish_attempt(run_id: int, attempt: int, outcome: str, error: str = "", tb: str = "") -> None:

@@ -12,6 +12,7 @@ import logging
 import os
 import time
 import traceback
+import uuid
 from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -22,7 +23,7 @@ from .. import runs
 from ..conf import supervisor_settings
 from ..core.errors import LeaseLost, RunCancelled
 from ..core.retry import FailureDecision, RetryPolicy, decide_failure
-from ..db import drop_broken_connection
+from ..db import bound_agent_sockets, drop_broken_connection
 from . import interrupt
 from .lease_keeper import Lease, lease_keeper
 
@@ -50,7 +51,8 @@ def heartbeat(run_id: int, attempt: int, progress: Any = None, checkpoint: Any =
         raise LeaseLost(f"run {run_id} attempt {attempt} lost its lease")
     since = time.monotonic()
     try:
-        st = runs.heartbeat(run_id, attempt, progress=progress, checkpoint=checkpoint)
+        token = local.token if local is not None else None
+        st = runs.heartbeat(run_id, attempt, progress=progress, checkpoint=checkpoint, token=token)
     except UNAVAILABLE as exc:
         drop_broken_connection()
         if local is None:
@@ -108,6 +110,14 @@ def effective_retry_policy(task: SupervisedTask, run_id: int, max_attempts: int)
     return policy
 
 
+def socket_timeout() -> float:
+    """``SUPERVISOR_AGENT_SOCKET_TIMEOUT``, or a third of the lease timeout (at least 2 s)."""
+    value = supervisor_settings.AGENT_SOCKET_TIMEOUT
+    if value is not None:
+        return float(value)
+    return max(2.0, supervisor_settings.lease_timeout / 3)
+
+
 def execute(task: SupervisedTask, run_id: int, attempt: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """Run one delivered attempt: claim, body with lease kept, fenced finish."""
     from celery.exceptions import Ignore
@@ -118,12 +128,16 @@ def execute(task: SupervisedTask, run_id: int, attempt: int, args: tuple[Any, ..
     # Bounds the claim's retries; the run's own lease timeout is known only once it is claimed.
     lease_timeout = float(task.lease_timeout or supervisor_settings.lease_timeout)
     drop_broken_connection()
+    bound_agent_sockets(socket_timeout)
     since = time.monotonic()
+    # One token for this delivery's claim, kept across its retries: a claim whose reply was lost is
+    # granted again to this very delivery, and refused to any other.
+    token = str(uuid.uuid4())
     try:
         # Retrying a claim is safe (it is conditional) and costs nothing once the supervisor has
         # published the attempt again: the second delivery finds it claimed and is dropped.
         won = ride_out(
-            lambda: runs.claim(run_id, attempt, worker, task_id),
+            lambda: runs.claim(run_id, attempt, worker, task_id, token=token),
             since + lease_timeout,
             f"run {run_id} attempt {attempt} claim",
         )
@@ -144,9 +158,17 @@ def execute(task: SupervisedTask, run_id: int, attempt: int, args: tuple[Any, ..
         raise Ignore()
     # The request context is per task execution (and per thread with the threads pool).
     setattr(request, "supervisor_checkpoint", won.checkpoint)  # noqa: B010
+    stop, hard_stop = interrupt.stopper((run_id, attempt))
     interruptible = interrupt.can_interrupt()
     lease_keeper.register(
-        run_id, attempt, task.resolved_heartbeat_interval(), won.lease_timeout, since, interruptible=interruptible
+        run_id,
+        attempt,
+        task.resolved_heartbeat_interval(),
+        won.lease_timeout,
+        since,
+        token=won.token,
+        stop=stop,
+        hard_stop=hard_stop,
     )
     try:
         if interruptible:
@@ -171,7 +193,7 @@ def execute(task: SupervisedTask, run_id: int, attempt: int, args: tuple[Any, ..
             raise
         drop_broken_connection()  # the body's error may be the database's: record it on a fresh connection
         if isinstance(exc, RunCancelled):
-            finish(lease, lambda: runs.finish_cancelled(run_id, attempt, worker), run_id, attempt)
+            finish(lease, lambda: runs.finish_cancelled(run_id, attempt, worker, token), run_id, attempt)
             raise Ignore() from None
         if isinstance(exc, LeaseLost):
             finish(lease, lambda: runs.record_fenced(run_id, attempt, worker), run_id, attempt)
@@ -181,12 +203,12 @@ def execute(task: SupervisedTask, run_id: int, attempt: int, args: tuple[Any, ..
         def fail() -> None:
             policy = effective_retry_policy(task, run_id, won.max_attempts)
             decision: FailureDecision = decide_failure(policy, attempt, failure)
-            runs.finish_failure(run_id, attempt, decision, error, tb, worker)
+            runs.finish_failure(run_id, attempt, decision, error, tb, worker, token)
 
         finish(lease, fail, run_id, attempt)
         raise
     lease = lease_keeper.unregister(run_id, attempt)
-    finish(lease, lambda: runs.finish_success(run_id, attempt, worker), run_id, attempt)
+    finish(lease, lambda: runs.finish_success(run_id, attempt, worker, token), run_id, attempt)
     return result
 
 
@@ -198,6 +220,11 @@ def finish(lease: Lease | None, write: Callable[[], object], run_id: int, attemp
     """
     from celery.exceptions import Ignore
 
+    if lease is not None and lease.unprovable:
+        # Self-fenced: the supervisor may have handed the run on already. Writing anything now, even
+        # if the database is back, could only race the next agent's claim.
+        logger.warning("run %s attempt %s: self-fenced, nothing recorded; the supervisor recovers it", run_id, attempt)
+        raise Ignore()
     until = lease.held_until if lease is not None else time.monotonic()
     try:
         ride_out(write, until, f"run {run_id} attempt {attempt} finish")

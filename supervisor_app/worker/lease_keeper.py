@@ -2,7 +2,17 @@
 
 One statement per interval for all the runs of the process (``runs.renew_leases``), so heartbeats cost
 one query per process, not one per run, and need no code in the task body. When a renewal learns that
-a body lost its lease or was cancelled, it interrupts that body (:mod:`.interrupt`).
+a body lost its lease or was cancelled, it stops that body (:mod:`.interrupt`).
+
+Two threads, so that a database that stops answering can't silence the watch:
+
+- the *keeper* never touches the database. It decides when renewals are due (each lease on its own
+  interval, never postponed by other leases arriving: with the threads and gevent pools, short tasks
+  keep registering leases while a long body runs), and it **self-fences**: a lease that no renewal has
+  confirmed for its whole length may already be handed on by the supervisor, so its body is stopped
+  (as for a lost lease) and nothing more is written for it. It also cuts the socket of a renewal
+  that hangs, so the next one starts on a fresh connection;
+- the *renewer* runs the renewal statement when the keeper asks.
 """
 
 from __future__ import annotations
@@ -11,13 +21,17 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .. import runs
-from ..db import recover_connection
-from .interrupt import interrupt_body
+from ..conf import supervisor_settings
+from ..db import cut_socket, recover_connection, socket_fd
 
 logger = logging.getLogger("supervisor_app")
+
+#: Stops a body: called with ``cancel`` True for an operator's cancel, False for a lost lease.
+Stop = Callable[[bool], None]
 
 
 @dataclass
@@ -28,15 +42,35 @@ class Lease:
     #: the lease without ever working past a lease the supervisor could have handed on.
     held_until: float
     lease_timeout: float
+    #: The claim's token: the fence of every write for this lease.
+    token: str | None = None
     lost: bool = False
+    #: Lost because no renewal could confirm it in time (partition, outage), not because the
+    #: database refused it: the agent then writes nothing more for it.
+    unprovable: bool = False
     cancel_requested: bool = False
-    #: The body runs on the process's main thread (prefork, solo): it can be interrupted.
-    interruptible: bool = False
+    #: How to stop the body (None: it can't be stopped from outside, e.g. the threads pool).
+    stop: Stop | None = None
+    #: When to renew next (monotonic).
+    due: float = 0.0
+    #: When the body was asked to stop (monotonic), for the hard stop after the grace.
+    stopped_at: float | None = None
+    hard_stop: Callable[[], None] | None = None
+
+    @property
+    def interruptible(self) -> bool:
+        return self.stop is not None
+
+
+def fence_margin(lease_timeout: float) -> float:
+    """How long before ``held_until`` the keeper stops a body it can't prove holds its lease: time
+    for the stop to land before the supervisor's next sweep could hand the run on."""
+    return min(2.0, lease_timeout / 10)
 
 
 @dataclass
 class LeaseKeeper:
-    """Renews the leases of the runs executing in this process (any pool: prefork, threads)."""
+    """Renews the leases of the runs executing in this process (any pool: prefork, solo, threads, gevent)."""
 
     _leases: dict[tuple[int, int], Lease] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -44,6 +78,12 @@ class LeaseKeeper:
     _thread: threading.Thread | None = None
     _pid: int = 0
     renewals: int = 0
+    #: The renewer: asked to renew by ``_renew_now``, busy since ``_busy_since`` on socket ``_fd``.
+    _renew_now: threading.Event = field(default_factory=threading.Event)
+    _renewer: threading.Thread | None = None
+    _busy_since: float | None = None
+    _fd: int | None = None
+    _cut: bool = False
 
     def register(
         self,
@@ -52,14 +92,23 @@ class LeaseKeeper:
         interval: float,
         lease_timeout: float,
         since: float,
-        interruptible: bool = False,
+        token: str | None = None,
+        stop: Stop | None = None,
+        hard_stop: Callable[[], None] | None = None,
     ) -> None:
         with self._lock:
+            # The claim just renewed it: the first renewal is one interval after the claim.
             self._leases[(run_id, attempt)] = Lease(
-                interval, since + lease_timeout, lease_timeout, interruptible=interruptible
+                interval,
+                since + lease_timeout,
+                lease_timeout,
+                token=token,
+                stop=stop,
+                due=since + interval,
+                hard_stop=hard_stop,
             )
             self._ensure_thread()
-        self._wake.set()  # pick up a shorter interval at once
+        self._wake.set()  # an earlier deadline than the keeper waits for: recompute its wait
 
     def unregister(self, run_id: int, attempt: int) -> Lease | None:
         with self._lock:
@@ -76,58 +125,148 @@ class LeaseKeeper:
             if lease is not None:
                 lease.lost = lease.lost or not held
                 lease.cancel_requested = lease.cancel_requested or cancel_requested
-                if held:
+                if held and not lease.lost:
                     lease.held_until = max(lease.held_until, since + lease.lease_timeout)
 
     def _ensure_thread(self) -> None:
-        # After a fork (prefork pool) the parent's thread does not exist in the child: start anew.
+        # After a fork (prefork pool) the parent's threads do not exist in the child: start anew.
         if self._thread is None or self._pid != os.getpid() or not self._thread.is_alive():
             self._pid = os.getpid()
+            self._busy_since, self._fd, self._renewer = None, None, None
             self._thread = threading.Thread(target=self._loop, name="supervisor-lease-keeper", daemon=True)
             self._thread.start()
+        if self._renewer is None or not self._renewer.is_alive():
+            self._renewer = threading.Thread(target=self._renew_loop, name="supervisor-lease-renewer", daemon=True)
+            self._renewer.start()
 
-    def _interval(self) -> float | None:
-        with self._lock:
-            live = [lease.interval for lease in self._leases.values() if not lease.lost]
-        return min(live) if live else None
+    # ------------------------------------------------------------------ the keeper (no database)
 
     def _loop(self) -> None:
         while True:
-            interval = self._interval()
             self._wake.clear()
-            if interval is None:
-                self._wake.wait(60.0)
-                continue
-            if self._wake.wait(interval):
-                continue  # a lease was added: recompute the interval, the claim just renewed it
+            wait = self.tick(time.monotonic())
+            self._wake.wait(wait)
+
+    def tick(self, now: float) -> float:
+        """One pass of the keeper at ``now``: self-fence, hard stops, renewal due. Returns how long to
+        wait before the next pass (the nearest deadline)."""
+        to_stop: list[tuple[tuple[int, int], Lease]] = []
+        to_kill: list[Callable[[], None]] = []
+        grace = supervisor_settings.STOP_GRACE
+        with self._lock:
+            nearest = now + 60.0
+            renew = False
+            for key, lease in self._leases.items():
+                if not lease.lost:
+                    fence_at = lease.held_until - fence_margin(lease.lease_timeout)
+                    if now >= fence_at:
+                        lease.lost = lease.unprovable = True
+                        to_stop.append((key, lease))
+                        logger.warning(
+                            "run %s attempt %s: lease not confirmed for %.1fs (database unreachable?); "
+                            "stopping the body and writing nothing more for it (self-fenced)",
+                            key[0],
+                            key[1],
+                            lease.lease_timeout - (lease.held_until - now),
+                        )
+                    else:
+                        nearest = min(nearest, fence_at)
+                        if now >= lease.due:
+                            renew = True
+                            lease.due = now + lease.interval
+                        nearest = min(nearest, lease.due)
+                if lease.stopped_at is not None and lease.hard_stop is not None and grace is not None:
+                    if now >= lease.stopped_at + grace:
+                        to_kill.append(lease.hard_stop)
+                        lease.hard_stop = None
+                    else:
+                        nearest = min(nearest, lease.stopped_at + grace)
+            busy = self._busy_since
+        if renew:
+            if busy is None:
+                self._renew_now.set()
+            else:
+                self._unstick(now)
+        elif busy is not None and now - busy > self._stuck_after():
+            self._unstick(now)
+        for key, lease in to_stop:
+            self._stop(key, lease, cancel=False, now=now)
+        for kill in to_kill:
+            kill()
+        return max(0.01, nearest - time.monotonic())
+
+    def _stuck_after(self) -> float:
+        with self._lock:
+            timeouts = [lease.lease_timeout for lease in self._leases.values()]
+        return max(1.0, min(timeouts, default=60.0) / 4)
+
+    def _unstick(self, now: float) -> None:
+        """The renewal in flight is taking too long: cut its socket (a partition blackholes packets,
+        and a blocked read would wait for TCP's own timeouts), so it fails and the next renewal
+        starts on a fresh connection."""
+        stuck_after = self._stuck_after()
+        with self._lock:  # the renewer clears the fd under this lock before closing its connection
+            busy, fd = self._busy_since, self._fd
+            if busy is None or fd is None or self._cut or now - busy <= stuck_after:
+                return
+            self._cut = True
+            cut_socket(fd)
+        logger.warning("lease renewal unanswered for %.1fs: cut its database connection", now - busy)
+
+    def _stop(self, key: tuple[int, int], lease: Lease, cancel: bool, now: float) -> None:
+        if lease.stop is None:
+            return
+        with self._lock:
+            if lease.stopped_at is None:
+                lease.stopped_at = now
+        try:
+            lease.stop(cancel)
+        except Exception:  # never let one body's stop kill the keeper
+            logger.exception("run %s attempt %s: could not stop the body", *key)
+
+    # ------------------------------------------------------------------ the renewer (database)
+
+    def _renew_loop(self) -> None:
+        while True:
+            self._renew_now.wait()
+            self._renew_now.clear()
             self.renew_once()
 
     def renew_once(self) -> None:
         with self._lock:
             wanted = [key for key, lease in self._leases.items() if not lease.lost]
+            tokens = {key: lease.token for key, lease in self._leases.items() if lease.token and not lease.lost}
         if not wanted:
             return
         since = time.monotonic()
+        with self._lock:
+            self._busy_since, self._fd, self._cut = since, socket_fd(), False
         try:
-            states = runs.renew_leases(wanted)
+            states = runs.renew_leases(wanted, tokens)
         except Exception as exc:
-            # A database hiccup: keep trying. If it lasts past the lease, the supervisor gives the run
-            # to another agent and our next write is refused; that is the design, not a failure here.
+            # A database hiccup: keep trying. If it lasts past the lease, the keeper self-fences the
+            # bodies, and the supervisor gives the runs to other agents.
+            with self._lock:  # before the socket is closed: the keeper must never cut a reused fd
+                self._busy_since = self._fd = None
             logger.warning("lease renewal failed (%s)", type(exc).__name__)
             recover_connection()
             return
+        with self._lock:
+            self._busy_since = self._fd = None
         self.renewals += 1
+        now = time.monotonic()
         for (run_id, attempt), st in states.items():
             lease = self.state(run_id, attempt)
             # A run that finished while the statement ran is no longer registered: not a loss.
             if lease is None:
                 continue
             news = (not st.held and not lease.lost) or (st.cancel_requested and not lease.cancel_requested)
-            if not st.held:
+            if not st.held and not lease.lost:
                 logger.warning("run %s attempt %s lost its lease", run_id, attempt)
             self.mark(run_id, attempt, st.held, st.cancel_requested, since)
-            if news and lease.interruptible:
-                interrupt_body((run_id, attempt), cancel=st.held and st.cancel_requested)
+            if news:
+                self._stop((run_id, attempt), lease, cancel=st.held and st.cancel_requested, now=now)
+        self._wake.set()  # leases were extended: the keeper's nearest deadline moved
 
 
 lease_keeper = LeaseKeeper()

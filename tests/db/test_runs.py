@@ -92,6 +92,65 @@ def test_only_one_claim_of_an_attempt_wins(dispatched: Callable[..., int]) -> No
     assert run.lease_expires_at is not None and run.lease_expires_at > run.started_at
 
 
+@pytest.mark.django_db(transaction=True)  # outside atomic(): PostgreSQL takes its one-statement path
+def test_a_claim_retried_after_a_lost_reply_is_granted_to_the_same_delivery_only(
+    dispatched: Callable[..., int],
+) -> None:
+    run_id = dispatched()
+    first = runs.claim(run_id, 1, "w1", task_id="t1", token="00000000-0000-4000-8000-000000000001")
+    assert first is not None
+    # The reply was lost and the agent retries with its own token: granted, the attempt not burnt.
+    again = runs.claim(run_id, 1, "w1", task_id="t1", token=first.token)
+    assert again is not None and again.token == first.token
+    # Any other delivery of the same attempt is refused.
+    assert runs.claim(run_id, 1, "w2", task_id="t2") is None
+    assert RunAttempt.objects.filter(run_id=run_id).count() == 1
+    assert runs.finish_success(run_id, 1, "w1", first.token) is True
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_fence_is_unique_per_claim_not_per_attempt_number(dispatched: Callable[..., int]) -> None:
+    """A claim forgotten by a database crash (asynchronous commit), the attempt then claimed again by
+    a second worker: the first worker's renewals and finish must not match the second's lease."""
+    run_id = dispatched()
+    forgotten = runs.claim(run_id, 1, "w1", token="00000000-0000-4000-8000-0000000000aa")
+    assert forgotten is not None
+    SupervisedRun.objects.filter(pk=run_id).update(status=RunStatus.QUEUED, lease_token=None)  # the crash
+    second = runs.claim(run_id, 1, "w2")
+    assert second is not None and second.token != forgotten.token
+    key = (run_id, 1)
+    assert runs.renew_leases([key], {key: forgotten.token})[key].held is False
+    assert runs.heartbeat(run_id, 1, token=forgotten.token).held is False
+    assert runs.finish_success(run_id, 1, "w1", forgotten.token) is False
+    assert runs.renew_leases([key], {key: second.token})[key].held is True
+    assert runs.finish_success(run_id, 1, "w2", second.token) is True
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_agent_writes_are_one_statement_with_asynchronous_commit_inside_it(
+    dispatched: Callable[..., int], settings: Any, django_assert_max_num_queries: Any
+) -> None:
+    """psycopg2 and psycopg 3's server-side binding refuse ``SET LOCAL …; UPDATE …`` in one string:
+    the setting travels inside the statement, and is in force for the transaction that wrote."""
+    from django.db import connection
+
+    settings.SUPERVISOR_ASYNC_AGENT_COMMIT = True
+    run_id = dispatched()
+    with django_assert_max_num_queries(1) as queries:
+        won = runs.claim(run_id, 1, "w")
+    assert won is not None
+    sql = queries.captured_queries[0]["sql"]
+    assert ";" not in sql.strip().rstrip(";") and "set_config('synchronous_commit', 'off', true)" in sql
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT set_config('synchronous_commit', 'off', true) IS NOT NULL, current_setting('synchronous_commit')"
+        )
+        assert cursor.fetchone() == (True, "off")
+    with django_assert_max_num_queries(1):
+        assert runs.finish_success(run_id, 1, "w", won.token) is True
+
+
 def test_expired_lease_is_recovered_once_and_the_zombie_is_fenced(
     dispatched: Callable[..., int], sent: list[Any], expire: Any, listen: Any, django_capture_on_commit_callbacks: Any
 ) -> None:
@@ -206,28 +265,26 @@ def test_run_past_max_runtime_is_timed_out_and_requeued(
     dispatched: Callable[..., int], expire: Any, settings: Any, django_capture_on_commit_callbacks: Any, listen: Any,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:  # fmt: skip
-    revoked: list[str] = []
-    monkeypatch.setattr(broker, "revoke", revoked.append)
     settings.SUPERVISOR_MAX_RUNTIME = 100
     run_id = dispatched()
-    runs.claim(run_id, 1, "w", task_id="tid-1")
+    won = runs.claim(run_id, 1, "w", task_id="tid-1")
+    assert won is not None
     assert SupervisedRun.objects.get(pk=run_id).deadline_at is not None
     expire(run_id, "deadline_at", 200)
     with django_capture_on_commit_callbacks(execute=True):
         assert run_sweep("t").timed_out == 1
-    assert revoked == ["tid-1"]
+    # No revoke: the agent learns it at its next renewal, and its keeper stops the body in-process.
+    assert not runs.renew_leases([(run_id, 1)], {(run_id, 1): won.token})[(run_id, 1)].held
     assert RunAttempt.objects.get(run_id=run_id, number=1).outcome == "timed_out"
     assert SupervisedRun.objects.get(pk=run_id).attempt == 2
     assert "run_timed_out" in [name for name, _ in listen]
 
 
 @pytest.mark.parametrize("max_runtime", [None, 3600], ids=["no-max-runtime", "a-later-max-runtime"])
-def test_a_cancelled_run_that_does_not_stop_within_the_grace_is_cancelled_and_revoked(
+def test_a_cancelled_run_that_does_not_stop_within_the_grace_is_cancelled_and_its_agent_told(
     dispatched: Callable[..., int], expire: Any, settings: Any, django_capture_on_commit_callbacks: Any,
     monkeypatch: pytest.MonkeyPatch, max_runtime: float | None,
 ) -> None:  # fmt: skip
-    revoked: list[str] = []
-    monkeypatch.setattr(broker, "revoke", revoked.append)
     settings.SUPERVISOR_MAX_RUNTIME = max_runtime
     settings.SUPERVISOR_CANCEL_GRACE = 30
     run_id = dispatched()
@@ -242,7 +299,7 @@ def test_a_cancelled_run_that_does_not_stop_within_the_grace_is_cancelled_and_re
     expire(run_id, "deadline_at", 60)
     with django_capture_on_commit_callbacks(execute=True):
         assert run_sweep("t").cancelled == 1
-    assert revoked == ["tid-1"]
+    assert not runs.renew_leases([(run_id, 1)])[(run_id, 1)].held  # its keeper stops the body
     run = SupervisedRun.objects.get(pk=run_id)
     assert (run.status, run.attempt) == (RunStatus.CANCELLED, 1)
     assert RunAttempt.objects.get(run_id=run_id, number=1).outcome == "cancelled"
