@@ -29,7 +29,8 @@ from .core.states import RunStatus
 from .db import recover_connection
 from .models import ProcessHeartbeat, SupervisedRun
 from .models.querysets import RunQuerySet
-from .ops.liveness import process_name, record_liveness
+from .ops.isolation import SweepErrors, isolated
+from .ops.liveness import process_name, prune_phase, record_liveness
 from .runs import recovery
 from .runs.publishing import RunPublisher
 from .scheduling.sweep import sweep_schedules
@@ -54,11 +55,20 @@ class SweepReport:
     #: Seconds between a lease's expiry and the sweep that acted on it (database clock).
     detection_latencies: list[float] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
+    #: Rows, schedules or phases that raised: isolated, skipped, and reported (``health/``, the admin).
+    errors: SweepErrors = field(default_factory=SweepErrors)
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data.pop("detection_latencies")
         return data
+
+    def add(self, part: SweepReport) -> None:
+        """Add the counts of a batch handled on a report of its own (kept only if it committed)."""
+        for name in ("recovered", "timed_out", "dead", "retried", "republished", "cancelled"):
+            setattr(self, name, getattr(self, name) + getattr(part, name))
+        self.detection_latencies += part.detection_latencies
+        self.extra.update(part.extra)
 
     @property
     def acted(self) -> int:
@@ -133,6 +143,7 @@ PHASES: tuple[RunPhase | Phase, ...] = (
     RunPhase("unstarted", RunQuerySet.unstarted, _unstarted),
     Phase("schedules", sweep_schedules),
     Phase("alert digests", digest_phase),
+    Phase("process rows", prune_phase),
 )
 
 
@@ -164,6 +175,51 @@ class CumulativeHistogram:
 DETECTION_LATENCY = CumulativeHistogram()
 
 
+def _run_phase(phase: RunPhase, publisher: RunPublisher, report: SweepReport, deadline: float, size: int) -> None:
+    """Locked batches of the phase's rows until none is left (or the time is up)."""
+    failed: list[int] = []
+    while True:
+        if time.monotonic() > deadline:
+            report.truncated = True
+            return
+        with transaction.atomic():
+            # A row that failed stays due; leaving it out keeps the next batch from retrying it.
+            qs = phase.select(SupervisedRun.objects.exclude(pk__in=failed) if failed else SupervisedRun.objects.all())
+            batch = list(qs.select_for_update(skip_locked=True, of=("self",)).order_by()[:size])
+            if batch:
+                failed += _handle(phase, batch, publisher, report)
+        report.batches += 1
+        if len(batch) < size:
+            return
+
+
+def _handle(phase: RunPhase, batch: list[SupervisedRun], publisher: RunPublisher, report: SweepReport) -> list[int]:
+    """Handle a locked batch so that one bad row can't poison it. Returns the ids of rows that failed.
+
+    The whole batch first, in one savepoint (two statements per batch, so a mass recovery stays a
+    handful of statements); if anything in it raises, each row again in a savepoint of its own, and
+    the rows that still raise are reported and skipped. A rolled-back savepoint may drop a row's
+    lock, so another supervisor could take that row meanwhile: harmless, every action re-checks in
+    its ``WHERE`` why the row was selected.
+    """
+    part = SweepReport()
+    with isolated(None, phase.name) as whole:
+        phase.handle(batch, publisher, part)
+    if not whole.failed:
+        report.add(part)
+        return []
+    failed = []
+    for run in batch:
+        part = SweepReport()
+        with isolated(report.errors, phase.name, f"run {run.pk}") as one:
+            phase.handle([run], publisher, part)
+        if one.failed:
+            failed.append(run.pk)
+        else:
+            report.add(part)
+    return failed
+
+
 def run_sweep(name: str | None = None) -> SweepReport:
     """One pass over everything the supervisor watches. Safe to run in parallel with itself."""
     started = time.monotonic()
@@ -172,21 +228,12 @@ def run_sweep(name: str | None = None) -> SweepReport:
     report = SweepReport()
     with RunPublisher() as publisher:
         for phase in PHASES:
-            if isinstance(phase, Phase):
-                phase.run(report, deadline)
-                continue
-            while True:
-                if time.monotonic() > deadline:
-                    report.truncated = True
-                    break
-                with transaction.atomic():
-                    qs = phase.select(SupervisedRun.objects.all())
-                    batch = list(qs.select_for_update(skip_locked=True, of=("self",)).order_by()[:batch_size])
-                    if batch:
-                        phase.handle(batch, publisher, report)
-                report.batches += 1
-                if len(batch) < batch_size:
-                    break
+            # A phase that fails as a whole (its query, a bug) is reported; the next phases go on.
+            with isolated(report.errors, phase.name, savepoint=False):
+                if isinstance(phase, Phase):
+                    phase.run(report, deadline)
+                else:
+                    _run_phase(phase, publisher, report, deadline, batch_size)
     report.published = publisher.sent
     report.publish_failures = publisher.failed
     report.duration = time.monotonic() - started

@@ -39,6 +39,9 @@ class HealthReport:
     active: dict[str, int] = field(default_factory=dict)
     stuck_running: int = 0
     stuck_queued: int = 0
+    #: Rows, schedules or phases that failed in the last sweep of each live supervisor (isolated and
+    #: skipped by the sweep, see ``ops.isolation``): a fault the supervisor can't fix by itself.
+    sweep_errors: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -93,5 +96,22 @@ def check_health() -> HealthReport:
         )
     if report.stuck_queued:
         report.problems.append(f"{report.stuck_queued} queued run(s) overdue by over {stale_after:.0f}s")
+    _sweep_errors(report)
     report.ok = not report.problems
     return report
+
+
+def _sweep_errors(report: HealthReport) -> None:
+    """What the last sweep of each live supervisor could not do, with the ids it failed on."""
+    for proc in report.supervisors:
+        errors = proc.stats.get("errors") or {}
+        count = int(errors.get("count") or 0)
+        if proc.stale or not count:
+            continue
+        report.sweep_errors += count
+        first = (errors.get("recent") or [{}])[0]
+        where = ", ".join(v for v in (first.get("phase"), first.get("key")) if v)
+        report.problems.append(
+            f"supervisor {proc.name}: {count} failure(s) in its last sweep, skipped "
+            f"(first: {where}: {first.get('error', '?')})"
+        )
