@@ -60,6 +60,14 @@ SETTINGS: dict[str, Setting] = {
             duration=True,
         ),
         Setting(
+            "MAX_PUBLISHES",
+            20,
+            'Publishes of one attempt that no worker starts before the run ends `dead`, "never started: '
+            'no worker took it" (a task no worker knows, a queue nobody consumes), with an alert. '
+            "Republishing backs off from the start timeout to 10 minutes, so 20 is about 3 hours with "
+            "the default start timeout; a run waiting in a healthy backlog is not republished and not counted.",
+        ),
+        Setting(
             "BACKOFF",
             2.0,
             "Base delay in seconds of the exponential backoff between attempts after a retryable error.",
@@ -300,6 +308,10 @@ class SupervisorSettings:
     def start_timeout(self) -> float:
         value = _seconds("START_TIMEOUT", self.raw("START_TIMEOUT"))
         return self.lease_timeout if value is None else value
+
+    @property
+    def max_publishes(self) -> int:
+        return max(int(self.raw("MAX_PUBLISHES")), 1)
 
     @property
     def max_runtime(self) -> float | None:

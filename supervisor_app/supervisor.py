@@ -109,8 +109,11 @@ def _retry(batch: list[SupervisedRun], publisher: RunPublisher, report: SweepRep
 
 def _unstarted(batch: list[SupervisedRun], publisher: RunPublisher, report: SweepReport) -> None:
     for run in batch:
-        if recovery.republish(run, publisher):
+        status = recovery.republish(run, publisher)
+        if status == RunStatus.QUEUED:
             report.republished += 1
+        elif status == RunStatus.DEAD:  # never started: no worker took it
+            report.dead += 1
 
 
 def _stale_with_lag(qs: RunQuerySet) -> RunQuerySet:

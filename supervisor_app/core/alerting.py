@@ -177,4 +177,8 @@ def build_digest(start: datetime, window: float, limit: int, suppressed: int, pr
 
 
 #: Why a run is dead, as an alert says it (by the ``reason`` of ``run_dead``).
-DEAD_REASONS: dict[str, str] = {"lost": "its worker was lost", "timed_out": "it ran past its max runtime"}
+DEAD_REASONS: dict[str, str] = {
+    "lost": "its worker was lost",
+    "timed_out": "it ran past its max runtime",
+    "never_started": "never started: no worker took it (unknown task or unconsumed queue?)",
+}

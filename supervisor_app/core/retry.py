@@ -9,6 +9,16 @@ from dataclasses import dataclass
 from .errors import NonRetryable
 from .states import RunStatus
 
+#: Largest exponent of any doubling: ``2**62`` seconds is past every cap, and a counter that keeps
+#: growing (a publish count after a week of republishing, an operator's hundredth retry) can't make
+#: ``seconds * 2**n`` overflow a float, which used to fail every sweep that met the row.
+MAX_EXPONENT = 62
+
+
+def doubling(n: int) -> int:
+    """``2**n`` for ``n`` clamped to ``[0, MAX_EXPONENT]``: every backoff's growth, bounded."""
+    return 2 ** min(max(n, 0), MAX_EXPONENT)
+
 
 def has_attempts_left(attempt: int, max_attempts: int) -> bool:
     """Whether attempt number ``attempt`` (1-based) may be followed by another: the one place that
@@ -39,7 +49,7 @@ class RetryPolicy:
         Exponential (``backoff * 2**(attempt-1)``), capped at ``backoff_max``; with jitter a uniform
         draw in ``[0, capped]`` ("full jitter"), which spreads a burst of failures best.
         """
-        capped = min(self.backoff_max, self.backoff * (2 ** max(attempt - 1, 0)))
+        capped = min(self.backoff_max, self.backoff * doubling(attempt - 1))
         if not self.jitter:
             return capped
         return (rand or random).uniform(0, capped)
@@ -76,7 +86,17 @@ def republish_delay(start_timeout: float, publish_count: int, cap: float = 600.0
     back as fast as a lost lease); later ones back off so a long, healthy queue is not flooded with
     duplicate messages (duplicates are harmless, the claim drops them, but they cost).
     """
-    return min(cap, start_timeout * (2 ** max(publish_count - 1, 0)))
+    return min(cap, start_timeout * doubling(publish_count - 1))
+
+
+def never_started(publish_count: int, max_publishes: int) -> bool:
+    """An attempt published ``max_publishes`` times and still not started by any worker ends
+    (``dead``): a task no worker knows, or a queue nobody consumes, would otherwise wait for ever."""
+    return publish_count >= max_publishes
+
+
+#: Why a run ended ``dead`` without ever starting (its ``last_error``, and the alert's reason).
+NEVER_STARTED_REASON = "never started: no worker took it — unknown task or unconsumed queue?"
 
 
 def exception_types(names: Iterable[str | type[BaseException]]) -> tuple[type[BaseException], ...]:

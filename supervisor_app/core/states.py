@@ -145,6 +145,11 @@ CANCEL_WAITING = _move("cancel_waiting", {Q, T}, RunStatus.CANCELLED, "operator"
 EXPIRE_UNSTARTED = _move("expire_unstarted", Q, RunStatus.MISSED, "scheduler", "start window over")
 #: A ``queue_one`` run, held while its schedule had an active run, is published.
 RELEASE_HELD = _move("release_held", Q, Q, "scheduler", "")
+#: A held ``queue_one`` run whose schedule was deleted or disabled: nothing will ever release it.
+CANCEL_HELD = _move("cancel_held", Q, RunStatus.CANCELLED, "scheduler", "")
+#: An attempt published ``SUPERVISOR_MAX_PUBLISHES`` times that no worker ever started (a task no
+#: worker knows, a queue nobody consumes): the run ends instead of waiting for ever.
+NEVER_STARTED = _move("never_started", Q, RunStatus.DEAD, "supervisor", "never started")
 #: An operator's "retry now": a new attempt for a run in any status but running. The only move out
 #: of a terminal status.
 REOPEN = _move("reopen", {s.value for s in RunStatus} - {R}, Q, "operator", "retry now")
@@ -166,6 +171,8 @@ MOVES: tuple[Move, ...] = (
     CANCEL_WAITING,
     EXPIRE_UNSTARTED,
     RELEASE_HELD,
+    CANCEL_HELD,
+    NEVER_STARTED,
     REOPEN,
 )
 
@@ -202,19 +209,48 @@ FAILURE_MOVES: dict[str, Move] = {m.target: m for m in (FAIL, RETRY_LATER, EXHAU
 
 @dataclass(frozen=True)
 class Watch:
-    """Why an active run cannot be forgotten: the column whose time the sweep acts on, and how."""
+    """Why an active run cannot be forgotten: the column whose time the sweep acts on, what it does
+    then, and the bound that ends the run (or the explicit reason it may wait, which health reports)."""
 
     status: str
+    #: The column the sweep selects on (``next_check_at IS NULL``: the held ``queue_one`` run).
     column: str
     action: str
+    #: What ends it for good, whatever happens: the way out.
+    bound: str
 
 
 #: Every active status has a deadline the supervisor's sweep acts on ("every run has a way out").
-#: A queued run with no ``next_check_at`` is a ``queue_one`` run held behind its schedule's active
-#: run: the schedule phase releases it when that run ends.
+#: The README's liveness table is this one (``tests/unit/test_moves.py`` keeps them equal).
 LIVENESS: tuple[Watch, ...] = (
-    Watch(RunStatus.RUNNING, "lease_expires_at", "lost: a new attempt, or dead"),
-    Watch(RunStatus.RUNNING, "deadline_at", "max runtime or cancel grace passed: revoked, retried or cancelled"),
-    Watch(RunStatus.RETRYING, "next_check_at", "backoff over: the next attempt is queued"),
-    Watch(RunStatus.QUEUED, "next_check_at", "not started in time: published again"),
+    Watch(
+        RunStatus.RUNNING,
+        "lease_expires_at",
+        "lease expired (agent lost): a new attempt",
+        "`dead` after `max_attempts`",
+    ),
+    Watch(
+        RunStatus.RUNNING,
+        "deadline_at",
+        "max runtime or cancel grace passed: revoked, then retried or `cancelled`",
+        "`dead` after `max_attempts`",
+    ),
+    Watch(
+        RunStatus.RETRYING,
+        "next_check_at",
+        "backoff over: the next attempt is queued",
+        "backoff capped at `SUPERVISOR_BACKOFF_MAX`",
+    ),
+    Watch(
+        RunStatus.QUEUED,
+        "next_check_at",
+        "not started within the start timeout: published again (backoff capped at 10 min)",
+        "`dead` after `SUPERVISOR_MAX_PUBLISHES` publishes: never started, no worker took it",
+    ),
+    Watch(
+        RunStatus.QUEUED,
+        "next_check_at IS NULL",
+        "`queue_one` run held behind its schedule's active run: released when that run ends",
+        "waits for that run (health reports it held); `cancelled` if the schedule is deleted or disabled",
+    ),
 )

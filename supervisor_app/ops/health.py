@@ -42,6 +42,9 @@ class HealthReport:
     #: Rows, schedules or phases that failed in the last sweep of each live supervisor (isolated and
     #: skipped by the sweep, see ``ops.isolation``): a fault the supervisor can't fix by itself.
     sweep_errors: int = 0
+    #: Queued runs allowed to wait, by reason (the liveness table's explicit reasons): ``held``, a
+    #: ``queue_one`` run behind its schedule's active run. Not problems: they have a way out.
+    waiting: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -90,6 +93,8 @@ def check_health() -> HealthReport:
     late = now - timedelta(seconds=stale_after)
     report.stuck_running = runs.filter(status=RunStatus.RUNNING, lease_expires_at__lt=late).count()
     report.stuck_queued = runs.filter(status=RunStatus.QUEUED, next_check_at__lt=late).count()
+    held = runs.filter(status=RunStatus.QUEUED, next_check_at__isnull=True).count()
+    report.waiting = {"held": held} if held else {}
     if report.stuck_running:
         report.problems.append(
             f"{report.stuck_running} running run(s) with a lease expired over {stale_after:.0f}s ago"

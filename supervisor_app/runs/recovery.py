@@ -8,19 +8,20 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
 from typing import Any
 
-from django.db import transaction
 from django.db.models import CharField, F, Value
 from django.db.models.functions import Cast, Concat, Now
 
 from .. import broker, signals
+from ..conf import supervisor_settings
 from ..core.ids import first_task_id, new_token
-from ..core.retry import has_attempts_left, republish_delay
+from ..core.retry import NEVER_STARTED_REASON, has_attempts_left, never_started, republish_delay
 from ..core.states import (
     BURY,
     CANCEL_RETRYING,
     DISPATCH_RETRY,
     EXPIRE_UNSTARTED,
     FORCE_CANCEL,
+    NEVER_STARTED,
     REPUBLISH,
     REQUEUE,
     AttemptOutcome,
@@ -185,11 +186,13 @@ def dispatch_retry(run: SupervisedRun, publisher: RunPublisher) -> bool:
     return True
 
 
-def republish(run: SupervisedRun, publisher: RunPublisher) -> bool:
+def republish(run: SupervisedRun, publisher: RunPublisher) -> str | None:
     """A queued attempt nobody started in time: publish it again (the claim drops duplicates).
+    Returns the run's status if it changed or was published (``queued``), else None.
 
     A run whose messages have expired (its ``expires`` option passed) is not published again: a
-    worker would drop the message unrun, for ever. It ends ``missed``, with the reason.
+    worker would drop the message unrun, for ever. It ends ``missed``, with the reason. An attempt
+    published ``SUPERVISOR_MAX_PUBLISHES`` times that no worker started ends ``dead``.
     """
     expires = broker.expiry(run.options or {})
     if expires is not None and expires <= db_now():
@@ -200,12 +203,29 @@ def republish(run: SupervisedRun, publisher: RunPublisher) -> bool:
                 outcome=AttemptOutcome.CANCELLED, ended_at=Now(), error=why
             )
             send_on_commit(signals.run_missed, run.pk, reason=why, batch=())
-        return False
+            return EXPIRE_UNSTARTED.target
+        return None
+    if never_started(run.publish_count, supervisor_settings.max_publishes):
+        return _never_started(run)
     count = run.publish_count + 1
     delay = republish_delay(run.start_timeout.total_seconds(), count)
     task_id = run.task_id or first_task_id(run.pk)
     due = rows.of(REPUBLISH, run.pk, run.attempt).filter(next_check_at__lte=Now())
     if not due.update(publish_count=count, next_check_at=after(timedelta(seconds=delay)), task_id=task_id):
-        return False
+        return None
     publish_on_commit(run, run.attempt, task_id, publisher)
-    return True
+    return REPUBLISH.target
+
+
+def _never_started(run: SupervisedRun) -> str | None:
+    """End a run no worker ever took: ``dead`` with the reason, and the ``run_dead`` alert."""
+    queue = (run.options or {}).get("queue") or "the default queue"
+    why = f"{NEVER_STARTED_REASON} (attempt {run.attempt} published {run.publish_count} times to {queue})"
+    due = rows.of(NEVER_STARTED, run.pk, run.attempt).filter(next_check_at__lte=Now())
+    if not due.update(**rows.ended(NEVER_STARTED), next_check_at=None, last_error=why):
+        return None
+    RunAttempt.objects.filter(run_id=run.pk, number=run.attempt, outcome=AttemptOutcome.PENDING).update(
+        outcome=AttemptOutcome.CANCELLED, ended_at=Now(), error=why
+    )
+    send_on_commit(signals.run_dead, run.pk, attempt=run.attempt, reason="never_started")
+    return NEVER_STARTED.target
