@@ -17,13 +17,13 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from django.db import InterfaceError, OperationalError, connection
+from django.db import DEFAULT_DB_ALIAS, InterfaceError, OperationalError, connection, connections
 
 from .. import runs
 from ..conf import supervisor_settings
 from ..core.errors import LeaseLost, RunCancelled
 from ..core.retry import FailureDecision, RetryPolicy, decide_failure
-from ..db import bound_agent_sockets, drop_broken_connection
+from ..db import bound_agent_sockets, cut_socket, drop_broken_connection
 from . import interrupt
 from .lease_keeper import Lease, lease_keeper
 
@@ -169,6 +169,7 @@ def execute(task: SupervisedTask, run_id: int, attempt: int, args: tuple[Any, ..
         token=won.token,
         stop=stop,
         hard_stop=hard_stop,
+        cut_body=_body_socket_cutter(),
     )
     try:
         if interruptible:
@@ -210,6 +211,23 @@ def execute(task: SupervisedTask, run_id: int, attempt: int, args: tuple[Any, ..
     lease = lease_keeper.unregister(run_id, attempt)
     finish(lease, lambda: runs.finish_success(run_id, attempt, worker, token), run_id, attempt)
     return result
+
+
+def _body_socket_cutter() -> Callable[[], None]:
+    """Cuts the socket of the body's database connection (this thread's), from the keeper's thread."""
+    wrapper = connections[DEFAULT_DB_ALIAS]  # this thread's wrapper; its raw connection may change
+
+    def cut() -> None:
+        raw = wrapper.connection
+        if raw is None or wrapper.vendor != "postgresql":
+            return
+        try:
+            fd = int(raw.fileno())
+        except Exception:
+            return
+        cut_socket(fd)
+
+    return cut
 
 
 def finish(lease: Lease | None, write: Callable[[], object], run_id: int, attempt: int) -> None:

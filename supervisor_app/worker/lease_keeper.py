@@ -56,6 +56,9 @@ class Lease:
     #: When the body was asked to stop (monotonic), for the hard stop after the grace.
     stopped_at: float | None = None
     hard_stop: Callable[[], None] | None = None
+    #: Cuts the body's own database socket: at a self-fence the body may be blocked in a query that
+    #: will never be answered, where no exception can reach it.
+    cut_body: Callable[[], None] | None = None
 
     @property
     def interruptible(self) -> bool:
@@ -95,6 +98,7 @@ class LeaseKeeper:
         token: str | None = None,
         stop: Stop | None = None,
         hard_stop: Callable[[], None] | None = None,
+        cut_body: Callable[[], None] | None = None,
     ) -> None:
         with self._lock:
             # The claim just renewed it: the first renewal is one interval after the claim.
@@ -106,6 +110,7 @@ class LeaseKeeper:
                 stop=stop,
                 due=since + interval,
                 hard_stop=hard_stop,
+                cut_body=cut_body,
             )
             self._ensure_thread()
         self._wake.set()  # an earlier deadline than the keeper waits for: recompute its wait
@@ -191,6 +196,8 @@ class LeaseKeeper:
             self._unstick(now)
         for key, lease in to_stop:
             self._stop(key, lease, cancel=False, now=now)
+            if lease.cut_body is not None:
+                lease.cut_body()
         for kill in to_kill:
             kill()
         return max(0.01, nearest - time.monotonic())
