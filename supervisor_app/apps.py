@@ -18,8 +18,11 @@ class SupervisorAppConfig(AppConfig):
 
         from . import checks as supervisor_checks
         from .alerts import receivers
+        from .scheduling import pausing
 
         checks.register(supervisor_checks.check_settings, checks.Tags.compatibility)
         checks.register(supervisor_checks.check_celery, checks.Tags.compatibility)
         checks.register(supervisor_checks.check_alert_settings, checks.Tags.compatibility)
         receivers.connect()
+        checks.register(supervisor_checks.check_metrics, checks.Tags.compatibility)
+        pausing.connect()

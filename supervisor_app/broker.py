@@ -151,6 +151,7 @@ class Publisher:
         self.sent = 0
         self.failed = 0
         self._producer: Any = None
+        self._closed = False
 
     def _acquire(self) -> Any:
         if self._producer is None:
@@ -160,6 +161,14 @@ class Publisher:
         return self._producer
 
     def close(self) -> None:
+        """Return the producer to the pool. A publish after this (an ``on_commit`` callback of a
+        transaction that outlived the ``with`` block, as when the sweep runs inside the caller's
+        transaction) borrows a producer for that publish only: none is ever kept out of the pool,
+        which holds ten by default and blocks the eleventh caller for ever."""
+        self._closed = True
+        self._release()
+
+    def _release(self) -> None:
         if self._producer is not None:
             producer, self._producer = self._producer, None
             try:
@@ -180,7 +189,7 @@ class Publisher:
             send(message, producer=self._acquire())
         except Exception as exc:  # broker down, DNS, auth...: the run stays queued
             self.broken = True
-            self.close()
+            self._release()
             logger.warning(
                 "could not publish run %s attempt %s (%s); it stays queued and the supervisor will publish it again",
                 message.run_id,
@@ -199,11 +208,15 @@ class Publisher:
         together. Returns how many were sent."""
         sent = 0
         unsent: list[Message] = []
-        for message in messages:
-            if self._try(message):
-                sent += 1
-            else:
-                unsent.append(message)
+        try:
+            for message in messages:
+                if self._try(message):
+                    sent += 1
+                else:
+                    unsent.append(message)
+        finally:
+            if self._closed:
+                self._release()
         if unsent:
             self.failed += len(unsent)
             self.unsent(unsent)

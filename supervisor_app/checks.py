@@ -33,6 +33,14 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
         errors.append(
             Error(f"SUPERVISOR_MAX_ARGS_BYTES must be an integer >= 1 or None, got {limit!r}", id="supervisor_app.E003")
         )
+    pause = values.get("PAUSE_AFTER_FAILURES")
+    if pause is not None and (not isinstance(pause, int) or isinstance(pause, bool) or pause < 1):
+        errors.append(
+            Error(
+                f"SUPERVISOR_PAUSE_AFTER_FAILURES must be an integer >= 1 or None, got {pause!r}",
+                id="supervisor_app.E003",
+            )
+        )
     lease, beat = values.get("LEASE_TIMEOUT"), values.get("HEARTBEAT_INTERVAL")
     if isinstance(lease, float) and isinstance(beat, float) and lease > 0 and beat > 0:
         if lease <= beat:
@@ -63,6 +71,27 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
         except ValueError as exc:
             errors.append(Error(str(exc), id="supervisor_app.E006"))
     return errors
+
+
+def check_metrics(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
+    """``metrics/`` is mounted but prometheus-client (the ``metrics`` extra) is not installed (W020)."""
+    from django.urls import NoReverseMatch, reverse
+
+    from .ops.metrics import available
+
+    if available():
+        return []
+    try:
+        url = reverse("supervisor_app:metrics")
+    except NoReverseMatch:  # the URLs are not mounted: nothing promises metrics
+        return []
+    return [
+        Warning(
+            f"{url} answers 501: the prometheus-client package is not installed.",
+            hint='Install the metrics extra: pip install "supervisor-app[metrics]" (or prometheus-client).',
+            id="supervisor_app.W020",
+        )
+    ]
 
 
 def check_celery(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:

@@ -119,6 +119,14 @@ SETTINGS: dict[str, Setting] = {
             duration=True,
         ),
         Setting(
+            "PROCESS_RETENTION",
+            86400.0,
+            "Seconds after which the liveness row of a supervisor or beat that stopped reporting (killed, "
+            "host gone) is deleted by the sweep, so `health/` and `supervisor_status` stop listing it as "
+            "stale. A process that stops cleanly deletes its own row at once.",
+            duration=True,
+        ),
+        Setting(
             "ASYNC_AGENT_COMMIT",
             True,
             "PostgreSQL: workers' claims, lease renewals and completions do not wait for the WAL flush "
@@ -186,6 +194,12 @@ SETTINGS: dict[str, Setting] = {
         ),
         Setting("CATCH_UP", "latest", "What happens to overdue slots after downtime: `none`, `latest` or `all`."),
         Setting(
+            "PAUSE_AFTER_FAILURES",
+            None,
+            "A schedule is disabled (and one `paused` alert sent) after this many consecutive failed or dead "
+            "runs (per schedule: the policy's `pause_after_failures`). None: never.",
+        ),
+        Setting(
             "CATCH_UP_WINDOW",
             3600.0,
             "Seconds: overdue slots older than this are never caught up, only recorded `missed`.",
@@ -200,9 +214,9 @@ SETTINGS: dict[str, Setting] = {
         # ------------------------------------------------ alert channels
         Setting(
             "ALERT_ON",
-            ["dead", "failed", "missed"],
+            ["dead", "failed", "missed", "paused"],
             "Events that alert the e-mail recipients and the webhook: any of `dead`, `failed`, `missed`, "
-            "`recovered` (per schedule: the policy's `alert_on`).",
+            "`recovered`, `paused` (a schedule disabled after failures; per schedule: the policy's `alert_on`).",
         ),
         Setting(
             "ALERT_WEBHOOK_URL",

@@ -28,3 +28,6 @@ run_cancelled = Signal()
 #: A scheduled slot was not started inside its window. Extra: ``reason``; ``batch``, the runs of the
 #: same schedule missed together (one signal each), for receivers that alert once per batch.
 run_missed = Signal()
+#: A schedule was disabled after ``pause_after_failures`` consecutive failed or dead runs; ``run`` is the
+#: latest of them. Extra: ``reason``; ``batch``, the failed runs (newest first).
+schedule_paused = Signal()

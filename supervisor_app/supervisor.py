@@ -6,8 +6,8 @@ is a conditional update that re-checks why the row was selected (``runs.recovery
 killed half-way leaves every row either handled or untouched.
 
 The phases, in order, are one static list (:data:`PHASES`): lost leases, overdue attempts, retries
-due, unstarted attempts, then the schedules (missed slots, start windows, ``queue_one`` releases) and
-the alert digests. Nothing adds itself to it.
+due, unstarted attempts, then the schedules (missed slots, start windows, ``queue_one`` releases), the
+liveness rows of processes long gone, and the alert digests. Nothing adds itself to it.
 """
 
 from __future__ import annotations
@@ -145,8 +145,8 @@ PHASES: tuple[RunPhase | Phase, ...] = (
     RunPhase("retries", RunQuerySet.due_retries, _retry),
     RunPhase("unstarted", RunQuerySet.unstarted, _unstarted),
     Phase("schedules", sweep_schedules),
-    Phase("alert digests", digest_phase),
     Phase("process rows", prune_phase),
+    Phase("alert digests", digest_phase),
 )
 
 

@@ -29,8 +29,10 @@ def _allowed(request: HttpRequest) -> bool:
 def metrics(request: HttpRequest) -> HttpResponse:
     if not _allowed(request):
         return HttpResponse("forbidden\n", status=403, content_type="text/plain")
-    from .ops.metrics import render
+    from .ops.metrics import MISSING, available, render
 
+    if not available():  # an optional extra: say so instead of a 500 (a system check warns too)
+        return HttpResponse(MISSING, status=501, content_type="text/plain; charset=utf-8")
     body, content_type = render()
     return HttpResponse(body, content_type=content_type)
 

@@ -16,6 +16,7 @@ from ..models import SupervisedRun, SupervisionPolicy
 from .display import badge
 from .readonly import ReadOnlyInline
 from .runs import LIST_DEFERRED
+from .schedule_actions import ScheduleActionsMixin
 
 #: Runs shown inline on a schedule's page.
 RECENT_RUNS = 20
@@ -75,7 +76,7 @@ if admin.site.is_registered(PeriodicTask):
 
 
 @admin.register(PeriodicTask)
-class SupervisedPeriodicTaskAdmin(beat_admin.PeriodicTaskAdmin):
+class SupervisedPeriodicTaskAdmin(ScheduleActionsMixin, beat_admin.PeriodicTaskAdmin):
     """django-celery-beat's schedule admin plus the supervision policy and the schedule's recent runs."""
 
     def get_inlines(self, request: HttpRequest, obj: Any) -> list[Any]:

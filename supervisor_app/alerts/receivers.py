@@ -1,5 +1,5 @@
-"""Receivers of the lifecycle signals that alert: ``run_dead``, ``run_failed``, ``run_missed`` and
-``run_recovered``. Connected by ``AppConfig.ready`` (:func:`connect`), never at import."""
+"""Receivers of the lifecycle signals that alert: ``run_dead``, ``run_failed``, ``run_missed``,
+``run_recovered`` and ``schedule_paused``. Connected by ``AppConfig.ready`` (:func:`connect`), never at import."""
 
 from __future__ import annotations
 
@@ -32,6 +32,13 @@ def on_run_missed(sender: Any, run: SupervisedRun, reason: str = "", batch: Sequ
     notify(AlertEvent.MISSED, list(batch) or [run], reason)
 
 
+def on_schedule_paused(
+    sender: Any, run: SupervisedRun, reason: str = "", batch: Sequence[Any] = (), **kwargs: Any
+) -> None:
+    """One alert per pause, naming the failed runs that caused it."""
+    notify(AlertEvent.PAUSED, list(batch) or [run], reason)
+
+
 def connect() -> None:
     """Connect the receivers (from ``AppConfig.ready``; idempotent through ``dispatch_uid``)."""
     for signal, receiver in (
@@ -39,5 +46,6 @@ def connect() -> None:
         (signals.run_failed, on_run_failed),
         (signals.run_recovered, on_run_recovered),
         (signals.run_missed, on_run_missed),
+        (signals.schedule_paused, on_schedule_paused),
     ):
         signal.connect(receiver, sender=SupervisedRun, dispatch_uid=f"supervisor_app.alerts.{receiver.__name__}")

@@ -128,6 +128,15 @@ def build_alert(event: str, runs: Sequence[RunLike], schedule: str = "", reason:
         text = (
             f"Schedule {what!r} missed {len(runs)} slot(s): {list_slots(runs)}.\nReason: {reason or run.last_error}\n"
         )
+    elif event == AlertEvent.PAUSED:
+        subject = f"[supervisor] {what}: schedule paused after {len(runs)} failed run(s)"
+        ids = ", ".join(str(r.pk) for r in runs[:20])
+        text = (
+            f"Schedule {what!r} was disabled after {len(runs)} consecutive failed or dead runs ({ids}).\n"
+            f"Reason: {reason}\nEnable it again in the admin to resume it (the count starts from zero).\n"
+        )
+        if run.last_error:
+            text += f"Last error: {run.last_error[:MAX_ERROR]}\n"
     else:
         verbs: dict[str, str] = {
             AlertEvent.DEAD: f"is dead after {run.attempt} attempt(s)",

@@ -49,6 +49,8 @@ class AlertEvent(models.TextChoices):
     MISSED = "missed", "missed"
     #: A lost agent's run was re-queued.
     RECOVERED = "recovered", "recovered"
+    #: A schedule was disabled after ``pause_after_failures`` consecutive failed or dead runs.
+    PAUSED = "paused", "paused"
 
 
 C = TypeVar("C", bound=models.TextChoices)

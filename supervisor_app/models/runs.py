@@ -78,6 +78,14 @@ class SupervisedRun(models.Model):
                 condition=Q(periodic_task__isnull=False),
                 name="supervisor_run_unique_slot",
             ),
+            # queue_one: at most one held run (queued, never published) per schedule, whoever records
+            # slots at once. Its predicate is false for every row a claim or finish writes, so those
+            # never touch this index.
+            models.UniqueConstraint(
+                fields=["periodic_task"],
+                condition=Q(status=RunStatus.QUEUED, next_check_at__isnull=True, periodic_task__isnull=False),
+                name="supervisor_run_one_held",
+            ),
             check_constraint(Q(attempt__gte=1), "supervisor_run_attempt_gte_1"),
             check_constraint(Q(status__in=[s.value for s in RunStatus]), "supervisor_run_status_valid"),
         ]

@@ -19,6 +19,20 @@ from ..models import ProcessHeartbeat, RunAttempt, SupervisedRun
 from .health import check_health
 
 WINDOW = timedelta(hours=24)
+#: What ``metrics/`` answers (501) when prometheus-client is missing.
+MISSING = (
+    "supervisor_app metrics need the prometheus-client package, which is not installed.\n"
+    'Install the metrics extra: pip install "supervisor-app[metrics]" (or: pip install prometheus-client).\n'
+)
+
+
+def available() -> bool:
+    """Whether prometheus-client (the optional ``metrics`` extra) can be imported."""
+    try:
+        import prometheus_client  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 class SupervisorCollector:

@@ -37,6 +37,10 @@ def prune_runs(older_than: timedelta, keep_last: int = 10, batch_size: int = 100
         if not ids:
             return deleted
         with transaction.atomic():
-            RunAttempt.objects.filter(run_id__in=ids).delete()
-            SupervisedRun.objects.filter(pk__in=ids).delete()
-        deleted += len(ids)
+            # Selected a moment ago: an operator may have reopened one since ("retry now"). Lock the
+            # rows that are still terminal and old, re-checked in the locking statement itself; a
+            # reopened run is left out, and none can be reopened until these are gone.
+            gone = list(old.filter(pk__in=ids).select_for_update().values_list("pk", flat=True))
+            RunAttempt.objects.filter(run_id__in=gone).delete()
+            SupervisedRun.objects.filter(pk__in=gone, status__in=TERMINAL_STATUSES).delete()
+        deleted += len(gone)

@@ -1,4 +1,5 @@
-"""The scheduler's writes to runs that exist: start windows that passed, ``queue_one`` runs released."""
+"""The scheduler's writes to runs that exist: start windows that passed, ``queue_one`` runs released
+or cancelled."""
 
 from __future__ import annotations
 
@@ -6,10 +7,12 @@ from django.db import transaction
 from django.db.models import F
 from django.db.models.functions import Now
 
-from ..core.states import EXPIRE_UNSTARTED, RELEASE_HELD
+from .. import signals
+from ..core.states import CANCEL_HELD, EXPIRE_UNSTARTED, RELEASE_HELD
 from ..db import after
 from ..models import SupervisedRun
 from . import rows
+from .notify import send_on_commit
 from .publishing import publish_by_id
 
 
@@ -35,4 +38,14 @@ def release_held(run_id: int) -> bool:
         ):
             return False
         transaction.on_commit(lambda: publish_by_id(run_id))
+    return True
+
+
+def cancel_held(run_id: int, why: str) -> bool:
+    """A held ``queue_one`` run whose schedule was deleted or disabled: nothing would ever release it,
+    so it ends ``cancelled`` with the reason (unless it was released meanwhile)."""
+    held = rows.of(CANCEL_HELD, run_id).filter(next_check_at__isnull=True)
+    if not held.update(**rows.ended(CANCEL_HELD), last_error=why):
+        return False
+    send_on_commit(signals.run_cancelled, run_id, attempt=None)
     return True

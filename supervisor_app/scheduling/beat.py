@@ -34,7 +34,7 @@ from django_celery_beat.schedulers import DatabaseScheduler, ModelEntry
 from .. import registry
 from ..core import slots
 from ..models import ProcessHeartbeat
-from ..ops.liveness import process_name, record_liveness
+from ..ops.liveness import forget_process, process_name, record_liveness
 from .definitions import PolicyDefaults, ScheduleDef, celery_schedule, cursor_for, definition_for, last_slot_subquery
 from .firing import Firing, RecordCounts, fire_many
 
@@ -320,6 +320,16 @@ class SupervisedScheduler(DatabaseScheduler):  # type: ignore[misc]
                 )
         except Exception as exc:
             logger.warning("beat could not record when its schedules ran (%s)", type(exc).__name__)
+
+    def close(self) -> None:
+        """Beat stops cleanly: its liveness row goes with it (a killed beat's is pruned by the sweep)."""
+        try:
+            super().close()
+        finally:
+            try:
+                forget_process(ProcessHeartbeat.Kind.BEAT, self.process_name)
+            except Exception as exc:
+                logger.warning("beat could not remove its liveness row (%s)", type(exc).__name__)
 
     def record_liveness(self) -> None:
         self._liveness_at = time.monotonic()

@@ -94,6 +94,11 @@ def _start(defn: ScheduleDef, slot: datetime, counts: RecordCounts) -> None:
         elif overlap == Overlap.QUEUE_ONE:
             run = _create(defn, slot, hold=True)
             counts.held += run is not None
+            if run is None:
+                # Either the slot is recorded already, or another beat or supervisor holds a run of this
+                # schedule (one held run per schedule is a constraint): then this slot is skipped.
+                run = _create(defn, slot, status=RunStatus.SKIPPED, why="queue_one: a run is already held")
+                counts.skipped += run is not None
         elif overlap == Overlap.REPLACE:  # insert first, so a beat that lost the race never cancels the winner's run
             run = _create(defn, slot)
             if run is not None:

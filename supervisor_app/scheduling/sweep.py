@@ -13,6 +13,8 @@ from contextlib import AbstractContextManager, nullcontext
 from datetime import datetime
 from typing import TYPE_CHECKING
 
+from django.db.models import Q
+
 from .. import registry
 from ..conf import supervisor_settings
 from ..core import slots
@@ -114,6 +116,20 @@ def release_held(errors: SweepErrors | None = None) -> int:
     return released
 
 
+def cancel_orphaned_held(errors: SweepErrors | None = None) -> int:
+    """Held ``queue_one`` runs whose schedule was deleted (the run's link is gone) or disabled: no
+    active run of theirs will ever release them, so they end ``cancelled`` with the reason."""
+    cancelled = 0
+    held = SupervisedRun.objects.filter(status=RunStatus.QUEUED, next_check_at__isnull=True).filter(
+        Q(periodic_task__isnull=True) | Q(periodic_task__enabled=False)
+    )
+    for pk, pt_id in held.values_list("pk", "periodic_task_id"):
+        why = "queue_one: its schedule was " + ("deleted" if pt_id is None else "disabled") + " while it was held"
+        with _each(errors, f"run {pk}"):
+            cancelled += schedule_runs.cancel_held(pk, why)
+    return cancelled
+
+
 _last_stale_warning = 0.0
 
 
@@ -133,6 +149,7 @@ def sweep_schedules(report: SweepReport, deadline: float) -> None:
             definitions.append((definition_for(pt, tasks[pt.task], defaults), pt.last_slot))
     counts = check_schedules(now, definitions, deadline, report.errors)
     expired = expire_unstarted(now, {d.pk: d for d, _ in definitions}, report.errors)
+    orphaned = cancel_orphaned_held(report.errors)  # first: a disabled schedule's held run is not released
     released = release_held(report.errors)
     stale = bool(definitions) and beat_is_stale(now, supervisor_settings.stale_after)
     if stale and time.monotonic() - _last_stale_warning > 60:
@@ -142,5 +159,6 @@ def sweep_schedules(report: SweepReport, deadline: float) -> None:
         **counts.as_dict(),
         "expired": expired,
         "released": released,
+        "held_cancelled": orphaned,
         "beat_stale": stale,
     }

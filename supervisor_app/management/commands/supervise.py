@@ -10,7 +10,8 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandParser
 
 from supervisor_app.conf import supervisor_settings
-from supervisor_app.ops.liveness import process_name
+from supervisor_app.models import ProcessHeartbeat
+from supervisor_app.ops.liveness import forget_process, process_name
 from supervisor_app.supervisor import loop, run_sweep
 
 
@@ -41,4 +42,8 @@ class Command(BaseCommand):
         self.stdout.write(f"supervisor {name} sweeping every {interval}s")
         self.stdout.flush()
         sweeps = loop(stop, interval, name)
+        try:  # a clean stop: no stale row left behind in health/ and supervisor_status
+            forget_process(ProcessHeartbeat.Kind.SUPERVISOR, name)
+        except Exception as exc:
+            self.stderr.write(f"supervisor {name} could not remove its liveness row ({type(exc).__name__})")
         self.stdout.write(f"supervisor {name} stopped after {sweeps} sweeps")
