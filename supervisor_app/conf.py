@@ -65,7 +65,8 @@ SETTINGS: dict[str, Setting] = {
             'Publishes of one attempt that no worker starts before the run ends `dead`, "never started: '
             'no worker took it" (a task no worker knows, a queue nobody consumes), with an alert. '
             "Republishing backs off from the start timeout to 10 minutes, so 20 is about 3 hours with "
-            "the default start timeout; a run waiting in a healthy backlog is not republished and not counted.",
+            "the default start timeout. A backlog (or a worker outage) longer than that ends runs too: "
+            "raise it where queues wait longer.",
         ),
         Setting(
             "BACKOFF",
