@@ -1,13 +1,16 @@
-"""System checks: invalid ``SUPERVISOR_*`` settings fail at start-up with a clear message."""
+"""System checks: invalid ``SUPERVISOR_*`` settings fail at start-up with a clear message; stored
+schedules Celery can't send are reported."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from django.core.checks import CheckMessage, Error, Warning
 
 from .conf import SETTINGS, supervisor_settings
 from .core.alerting import check_webhook_url, parse_events
+from .core.arguments import parse_arguments
 from .core.policies import CatchUp, Overlap, parse_choice
 from .core.retry import exception_types
 
@@ -164,3 +167,45 @@ def check_alert_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMe
             )
         )
     return errors
+
+
+#: Periodic tasks with bad arguments reported one by one, at most this many (then a count).
+REPORTED_ROWS = 20
+
+
+def check_schedule_arguments(
+    app_configs: Any = None, databases: Sequence[str] | None = None, **kwargs: Any
+) -> list[CheckMessage]:
+    """Periodic tasks whose stored arguments are not a JSON list and a JSON object (W010).
+
+    django-celery-beat's form and ``CELERY_BEAT_SCHEDULE`` accept any JSON; Celery then refuses to send
+    such a task, and the beat leaves a supervised one out (warning at each load). The admin form now
+    refuses them; this reports the rows written before, or by other means. A database check: it reads
+    the table, so it runs only for the databases it is given (``migrate``, ``check --database default``).
+    """
+    from django.db import DatabaseError, router
+    from django_celery_beat.models import PeriodicTask
+
+    alias = router.db_for_read(PeriodicTask)
+    if not databases or alias not in databases:
+        return []
+    bad: list[str] = []
+    try:
+        rows = PeriodicTask.objects.using(alias).order_by("name").values_list("name", "task", "args", "kwargs")
+        for name, task, args, kwargs_text in rows.iterator():
+            try:
+                parse_arguments(args, kwargs_text)
+            except ValueError as exc:
+                bad.append(f"periodic task {name!r} ({task}): {exc}")
+    except DatabaseError:  # not migrated yet: no stored schedule to check
+        return []
+    hint = (
+        "Correct them in the admin or in CELERY_BEAT_SCHEDULE. Until then Celery refuses to send them, and "
+        "the beat and the supervisor leave out the supervised ones."
+    )
+    messages: list[CheckMessage] = [Warning(text, hint=hint, id="supervisor_app.W010") for text in bad[:REPORTED_ROWS]]
+    if len(bad) > REPORTED_ROWS:
+        messages.append(
+            Warning(f"{len(bad) - REPORTED_ROWS} more periodic tasks with bad arguments", id="supervisor_app.W010")
+        )
+    return messages

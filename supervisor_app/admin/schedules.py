@@ -1,10 +1,12 @@
-"""django-celery-beat's schedule admin, extended: the supervision policy inline and the schedule's
-latest runs. Replaces django-celery-beat's registration of ``PeriodicTask``."""
+"""django-celery-beat's schedule admin, extended: arguments checked by type, the supervision policy
+inline and the schedule's latest runs. Replaces django-celery-beat's registration of ``PeriodicTask``."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
+from django import forms
 from django.contrib import admin
 from django.db.models import QuerySet
 from django.http import HttpRequest
@@ -12,6 +14,7 @@ from django.utils.translation import gettext_lazy as _
 from django_celery_beat import admin as beat_admin  # registers PeriodicTaskAdmin first: we replace it
 from django_celery_beat.models import PeriodicTask
 
+from ..core import arguments
 from ..models import SupervisedRun, SupervisionPolicy
 from .display import badge
 from .readonly import ReadOnlyInline
@@ -71,6 +74,34 @@ class SupervisionPolicyInline(admin.StackedInline):
     verbose_name_plural = _("supervision policy")
 
 
+#: The admin's messages for arguments of the wrong JSON type (``found``: what the field holds).
+ARGUMENT_ERRORS: dict[arguments.Field, Any] = {
+    "args": _('Positional arguments must be a JSON list, such as [1, "a"], not %(found)s.'),
+    "kwargs": _('Keyword arguments must be a JSON object, such as {"key": "value"}, not %(found)s.'),
+}
+
+
+class SupervisedPeriodicTaskForm(beat_admin.PeriodicTaskForm):  # type: ignore[misc]
+    """django-celery-beat's form with the arguments checked by type, for every task: Celery sends a
+    task only with a list and an object (``TypeError`` at each send otherwise), and a supervised
+    schedule with ``[1]`` as keyword arguments could not be recorded; the parent accepts any JSON."""
+
+    def clean_args(self) -> Any:
+        return self._check_type("args", super().clean_args())
+
+    def clean_kwargs(self) -> Any:
+        return self._check_type("kwargs", super().clean_kwargs())
+
+    def _check_type(self, field: arguments.Field, text: Any) -> Any:
+        # The parent has refused text that is not JSON, with its own message.
+        value = json.loads(text or arguments.EXPECTED[field][1])
+        if arguments.type_error(field, value) is not None:
+            raise forms.ValidationError(
+                ARGUMENT_ERRORS[field], code="invalid", params={"found": arguments.json_kind(value)}
+            )
+        return text
+
+
 if admin.site.is_registered(PeriodicTask):
     admin.site.unregister(PeriodicTask)
 
@@ -78,6 +109,8 @@ if admin.site.is_registered(PeriodicTask):
 @admin.register(PeriodicTask)
 class SupervisedPeriodicTaskAdmin(ScheduleActionsMixin, beat_admin.PeriodicTaskAdmin):
     """django-celery-beat's schedule admin plus the supervision policy and the schedule's recent runs."""
+
+    form = SupervisedPeriodicTaskForm
 
     def get_inlines(self, request: HttpRequest, obj: Any) -> list[Any]:
         inlines = [*super().get_inlines(request, obj), SupervisionPolicyInline]

@@ -4,7 +4,6 @@ supervisor's sweep both use, so both apply the same rules."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, tzinfo
@@ -16,7 +15,7 @@ from django.db.models import OuterRef, Subquery
 
 from ..broker import schedule_options
 from ..conf import supervisor_settings
-from ..core import slots
+from ..core import arguments, slots
 from ..core.policies import CatchUp, Overlap, RunPolicy, parse_choice
 from ..models import SupervisedRun, SupervisionPolicy
 
@@ -197,8 +196,12 @@ def definition_for(pt: PeriodicTask, task: Any, defaults: PolicyDefaults | None 
     """Resolve a supervised periodic task: its rule, its policy (row, else settings), its run policy and
     its publishing options (the same as ``DatabaseScheduler`` gives a plain periodic task's messages).
 
-    ``defaults``: the settings read once for many schedules (by default, read now).
+    ``defaults``: the settings read once for many schedules (by default, read now). Raises
+    ``ValueError`` for a schedule that can't be read (its arguments not a JSON list and object, no
+    schedule, an unknown policy choice): the caller leaves that one out and goes on with the others.
     """
+    # Checked by type, not only as JSON: ``[1]`` as keyword arguments would fail every batch it joins.
+    args, kwargs = arguments.parse_arguments(pt.args, pt.kwargs)
     s = defaults or PolicyDefaults.read()
     row = _policy_row(pt)
     base = s.run_policy(task)
@@ -223,8 +226,8 @@ def definition_for(pt: PeriodicTask, task: Any, defaults: PolicyDefaults | None 
         rule=rule_for(pt),
         bounds=slots.Bounds(pt.start_time, pt.expires),
         anchor=pt.date_changed,
-        args=json.loads(pt.args or "[]"),
-        kwargs=json.loads(pt.kwargs or "{}"),
+        args=args,
+        kwargs=kwargs,
         options=schedule_options(pt),
         policy=policy,
         run_policy=run_policy,

@@ -12,12 +12,13 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 from django.db import transaction
 
 from .. import runs, signals
 from ..conf import supervisor_settings
-from ..core import slots
+from ..core import arguments, slots
 from ..core.alerting import list_slots
 from ..core.policies import Overlap
 from ..core.states import ACTIVE_STATUSES, RunStatus
@@ -174,8 +175,8 @@ def fire_many(firings: Sequence[Firing]) -> list[RecordCounts | Exception]:
     schedule with an overlap policy must read its active runs before each slot, and a missed slot
     carries an alert: those go one by one through :func:`record`, and only they pay for it.
 
-    A firing that fails (database down, arguments that are not JSON) comes back as its exception;
-    the others are recorded as usual.
+    A firing that fails (database down, arguments that are not a JSON list and object) comes back as
+    its exception; the others are recorded as usual.
     """
     limit = int(supervisor_settings.SCHEDULE_MAX_SLOTS)
     results: list[RecordCounts | Exception] = [RecordCounts() for _ in firings]
@@ -189,6 +190,7 @@ def fire_many(firings: Sequence[Firing]) -> list[RecordCounts | Exception]:
             if defn.policy.overlap == Overlap.ALLOW:
                 starts = [d for d in decisions if d.action != "miss"]
                 if starts:
+                    check_arguments(defn)
                     runs.check_json(defn.task_name, defn.args, defn.kwargs)
                     batch += [(i, d) for d in starts]
                 decisions = [d for d in decisions if d.action == "miss"]
@@ -207,6 +209,17 @@ def fire_many(firings: Sequence[Firing]) -> list[RecordCounts | Exception]:
         except Exception as exc:
             results[i] = exc
     return results
+
+
+def check_arguments(defn: ScheduleDef) -> None:
+    """``ValueError`` unless the arguments are a list and a dict: checked per firing, before the batch,
+    because the batch builds every row at once and one bad value would fail the others with it.
+    (``definition_for`` refuses such a schedule already; this keeps the batch safe on its own.)"""
+    given: tuple[tuple[arguments.Field, Any], ...] = (("args", defn.args), ("kwargs", defn.kwargs))
+    for name, value in given:
+        error = arguments.type_error(name, value)
+        if error is not None:
+            raise ValueError(f"schedule {defn.name!r}: {error}")
 
 
 def _record_batch(
