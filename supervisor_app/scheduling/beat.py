@@ -21,12 +21,13 @@ import copy
 import heapq
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
 from celery import current_app, schedules
 from celery.beat import event_t
+from django.core.exceptions import FieldDoesNotExist
 from django.db.models import F, Q
 from django_celery_beat.models import CrontabSchedule, PeriodicTask
 from django_celery_beat.schedulers import DatabaseScheduler, ModelEntry
@@ -46,6 +47,20 @@ IDLE = 300.0
 
 def utcnow() -> datetime:
     return datetime.now(slots.UTC)
+
+
+def _stored(row: PeriodicTask, values: Mapping[str, Any]) -> bool:
+    """Whether a periodic task row holds these field values already (a relation by its key)."""
+    for key, value in values.items():
+        try:
+            field = row._meta.get_field(key)
+        except FieldDoesNotExist:  # not a field: the parent's write reports it
+            return False
+        if field.is_relation:
+            value = None if value is None else value.pk
+        if getattr(row, field.attname) != value:
+            return False
+    return True
 
 
 class SupervisedEntry(ModelEntry):  # type: ignore[misc]
@@ -157,11 +172,16 @@ class SupervisedScheduler(DatabaseScheduler):  # type: ignore[misc]
         return CrontabSchedule.objects.order_by().values_list("timezone", flat=True).distinct()
 
     def all_as_schedule(self) -> dict[str, Any]:
+        return self.entries_for(self.enabled_models())
+
+    def entries_for(self, models: Iterable[PeriodicTask]) -> dict[str, Any]:
+        """Beat entries of periodic task rows (read by ``enabled_models_qs``): a supervised entry for a
+        supervised task, the parent's entry for any other; a row that can't be read is left out."""
         names = self.supervised_names()
         now = utcnow()
         defaults = PolicyDefaults.read()
         entries: dict[str, Any] = {}
-        for model in self.enabled_models():
+        for model in models:
             try:
                 if model.task in names:
                     definition = definition_for(model, self.app.tasks[model.task], defaults)
@@ -176,6 +196,48 @@ class SupervisedScheduler(DatabaseScheduler):  # type: ignore[misc]
             except Exception:
                 logger.exception("schedule %r cannot be loaded; left out", model.name)
         return entries
+
+    # ------------------------------------------------------------------ schedules from settings
+
+    def update_from_dict(self, mapping: Mapping[str, Any]) -> None:
+        """Entries of ``beat_schedule`` (``CELERY_BEAT_SCHEDULE``) and Celery's default entries: written
+        to the database as django-celery-beat writes them, supervised ones loaded as supervised entries.
+
+        The parent makes every entry a plain ``ModelEntry``, and this beat does not see its own write
+        as a change: until its next full reload (up to five minutes) a supervised schedule from settings
+        would be sent through the plain path, by every beat, with no slot recorded. Here it is recorded
+        per slot from the first tick, like a schedule edited in the admin. Plain entries: the parent's.
+        """
+        names = self.supervised_names()
+        supervised = {
+            name: fields
+            for name, fields in mapping.items()
+            if isinstance(fields, Mapping) and fields.get("task") in names
+        }
+        super().update_from_dict({name: fields for name, fields in mapping.items() if name not in supervised})
+        if not supervised:
+            return
+        written = []
+        for name, fields in supervised.items():
+            try:
+                self.write_settings_row(name, fields)
+            except Exception as exc:  # as the parent: that entry is left out, the others go on
+                logger.exception("beat %s: cannot add schedule %r from settings (%s)", self.process_name, name, exc)
+                continue
+            written.append(name)
+        # The rows read back as a reload reads them (policy, last recorded slot), so the cursor is the same.
+        self.schedule.update(self.entries_for(self.enabled_models_qs().filter(name__in=written)))
+
+    def write_settings_row(self, name: str, fields: Mapping[str, Any]) -> None:
+        """The ``PeriodicTask`` row of a settings entry, as the parent's ``ModelEntry.from_entry`` writes it,
+        but saved only when it differs: every save moves ``date_changed`` (the anchor below which slots
+        are not judged, so a slot due while the beats restarted would be neither run nor missed) and
+        signals a schedule change to every beat."""
+        values = self.Entry._unpack_fields(**fields)  # also saves the interval/crontab row, as the parent
+        row = self.Model.objects.filter(name=name).first()
+        if row is not None and _stored(row, values):
+            return
+        self.Model._default_manager.update_or_create(name=name, defaults=values)
 
     # ------------------------------------------------------------------ ticking
 
