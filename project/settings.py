@@ -8,10 +8,13 @@ the broker, so ``make demo`` needs no servers. ``DATABASE_URL`` (PostgreSQL) and
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
+from typing import Any
 
 import dj_database_url
 import django
+from django.core.exceptions import ImproperlyConfigured
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(os.environ.get("DEMO_VAR_DIR", BASE_DIR / "var"))
@@ -60,10 +63,49 @@ TEMPLATES = [
 ]
 WSGI_APPLICATION = "project.wsgi.application"
 
+# ---------------------------------------------------------------- database driver and pooling
+# The ways projects connect to PostgreSQL, chosen from the environment so that the tests can start
+# workers, supervisors and a dispatching process with each (tests/integration/test_drivers.py, the
+# README's "Where it runs"). Unset, the demo uses psycopg 3 with client-side binding and persistent
+# connections (10 minutes).
+#   DEMO_PG_DRIVER=psycopg2                 psycopg2 instead of psycopg 3
+#   DEMO_PG_SERVER_SIDE_BINDING=1           OPTIONS["server_side_binding"] (psycopg 3: extended protocol)
+#   DEMO_PG_PREPARE_THRESHOLD=<n>           OPTIONS["prepare_threshold"] (psycopg 3 prepares a statement from
+#                                           its n-th execution on; Django's default: never, for poolers)
+#   DEMO_PG_POOL=1                          OPTIONS["pool"] (psycopg 3 + psycopg-pool; needs CONN_MAX_AGE 0)
+#   DEMO_CONN_MAX_AGE=0|<seconds>|none      CONN_MAX_AGE (none: never closed)
+#   DEMO_PG_DISABLE_SERVER_SIDE_CURSORS=1   DISABLE_SERVER_SIDE_CURSORS (PgBouncer in transaction mode)
+#   DEMO_ATOMIC_REQUESTS=1                  ATOMIC_REQUESTS (each request one transaction)
+_PG_DRIVER = os.environ.get("DEMO_PG_DRIVER", "psycopg")
+if _PG_DRIVER not in ("psycopg", "psycopg2"):
+    raise ImproperlyConfigured(f"DEMO_PG_DRIVER must be psycopg or psycopg2, got {_PG_DRIVER!r}")
+if _PG_DRIVER == "psycopg2" and os.environ.get("DATABASE_URL"):
+    # Django's PostgreSQL backend uses psycopg 3 whenever `import psycopg` succeeds, psycopg2 only
+    # when it fails. A None in sys.modules makes that import raise ImportError, so this process runs
+    # on psycopg2 exactly as a project with only psycopg2 installed does. Settings are read before
+    # Django first imports the backend (at the first connection), so this is early enough.
+    sys.modules["psycopg"] = None  # type: ignore[assignment]
+
+
+def _configure_postgresql(db: dict[str, Any]) -> dict[str, Any]:
+    db["CONN_HEALTH_CHECKS"] = True
+    max_age = os.environ.get("DEMO_CONN_MAX_AGE", "600")
+    db["CONN_MAX_AGE"] = None if max_age.lower() == "none" else int(max_age)
+    options = db.setdefault("OPTIONS", {})
+    if os.environ.get("DEMO_PG_SERVER_SIDE_BINDING") == "1":
+        options["server_side_binding"] = True
+    if os.environ.get("DEMO_PG_PREPARE_THRESHOLD"):
+        options["prepare_threshold"] = int(os.environ["DEMO_PG_PREPARE_THRESHOLD"])
+    if os.environ.get("DEMO_PG_POOL") == "1":
+        options["pool"] = True
+    if os.environ.get("DEMO_PG_DISABLE_SERVER_SIDE_CURSORS") == "1":
+        db["DISABLE_SERVER_SIDE_CURSORS"] = True
+    db["ATOMIC_REQUESTS"] = os.environ.get("DEMO_ATOMIC_REQUESTS") == "1"
+    return db
+
+
 if os.environ.get("DATABASE_URL"):
-    DATABASES = {
-        "default": dj_database_url.parse(os.environ["DATABASE_URL"], conn_max_age=600, conn_health_checks=True)
-    }
+    DATABASES = {"default": _configure_postgresql(dict(dj_database_url.parse(os.environ["DATABASE_URL"])))}
 else:
     VAR_DIR.mkdir(parents=True, exist_ok=True)
     DATABASES = {
@@ -122,6 +164,9 @@ CELERY_RESULT_SERIALIZER = "json"
 CELERY_ACCEPT_CONTENT = ["json"]
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_TASK_DEFAULT_QUEUE = os.environ.get("CELERY_TASK_DEFAULT_QUEUE", "celery")
+# RabbitMQ's quorum queues (replicated, the type RabbitMQ recommends for durability): "quorum".
+# Celery then turns off global QoS by itself; quorum queues have no message priorities.
+CELERY_TASK_DEFAULT_QUEUE_TYPE = os.environ.get("CELERY_TASK_DEFAULT_QUEUE_TYPE", "classic")
 # Many projects acknowledge after the body (acks_late); supervised tasks need neither, and work with
 # both (a redelivered message is fenced at its claim). The tests run a worker each way.
 CELERY_TASK_ACKS_LATE = os.environ.get("CELERY_TASK_ACKS_LATE", "0") == "1"

@@ -72,6 +72,39 @@ def effect_job(self: SupervisedTask, steps: int = 3, step_seconds: float = 0.1, 
     return steps
 
 
+def connection_facts() -> dict[str, Any]:
+    """How this process talks to the database, as Django set it up: driver, binding, pool, prepared
+    statements on the current server session (what tests/integration/test_drivers.py checks)."""
+    from django.db import connection
+
+    connection.ensure_connection()
+    facts: dict[str, Any] = {
+        "driver": getattr(connection, "Database").__name__,  # noqa: B009 (not in the stubs)
+        "conn_max_age": connection.settings_dict["CONN_MAX_AGE"],
+        "pool": getattr(connection, "pool", None) is not None,
+        # psycopg 3: Django's Cursor binds parameters client-side, ServerBindingCursor server-side.
+        "cursor": getattr(getattr(connection.connection, "cursor_factory", None), "__name__", None),
+    }
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT count(*) FROM pg_prepared_statements")
+        facts["prepared"] = cursor.fetchone()[0]
+    return facts
+
+
+@shared_task(base=SupervisedTask, bind=True)
+def driver_job(self: SupervisedTask, steps: int = 3, step_seconds: float = 0.05, label: str = "") -> int:
+    """effect_job that also reports, at each heartbeat, how its worker talks to PostgreSQL."""
+    start = int(self.checkpoint or 0)
+    for step in range(start, steps):
+        time.sleep(step_seconds)
+        progress = {"step": step + 1, "of": steps, "pid": os.getpid(), **connection_facts()}
+        self.heartbeat(progress=progress, checkpoint=step + 1)
+    with self.effect("record") as first:
+        if first:
+            _record(self, label)
+    return steps
+
+
 @shared_task(base=SupervisedTask, bind=True, max_attempts=2, backoff=0.1, backoff_jitter=False)
 def bad_heartbeat(self: SupervisedTask, label: str = "") -> None:
     """Raises inside its own heartbeat: the checkpoint is not JSON (a bug in the task)."""
