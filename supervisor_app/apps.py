@@ -22,6 +22,7 @@ class SupervisorAppConfig(AppConfig):
 
         checks.register(supervisor_checks.check_settings, checks.Tags.compatibility)
         checks.register(supervisor_checks.check_celery, checks.Tags.compatibility)
+        checks.register(supervisor_checks.check_database, checks.Tags.compatibility)
         checks.register(supervisor_checks.check_alert_settings, checks.Tags.compatibility)
         checks.register(supervisor_checks.check_schedule_arguments, checks.Tags.database)
         receivers.connect()

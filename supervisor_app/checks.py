@@ -209,3 +209,83 @@ def check_schedule_arguments(
             Warning(f"{len(bad) - REPORTED_ROWS} more periodic tasks with bad arguments", id="supervisor_app.W010")
         )
     return messages
+
+
+#: Database vendors the runs' tables may live on. The agent's writes are ``UPDATE … RETURNING`` (one
+#: statement each) and the sweep locks with ``SELECT … FOR UPDATE SKIP LOCKED``: MySQL and MariaDB have
+#: no ``UPDATE … RETURNING``, Oracle returns only ``INTO`` variables.
+SUPPORTED_DATABASE_VENDORS = ("postgresql", "sqlite")
+#: ``UPDATE … RETURNING`` came with SQLite 3.35.
+SQLITE_MIN_VERSION = (3, 35)
+
+
+def check_database(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
+    """The databases holding supervisor_app's tables (as the routers send them) must be ones the
+    agent's writes work on (E020-E022, W020). Reads settings only: no connection is opened."""
+    from django.apps import apps
+    from django.db import connections, router
+
+    aliases: set[str] = set()
+    for model in apps.get_app_config("supervisor_app").get_models():
+        aliases.update(alias for alias in (router.db_for_write(model), router.db_for_read(model)) if alias)
+    messages: list[CheckMessage] = []
+    for alias in sorted(aliases):
+        messages.extend(database_messages(alias, connections[alias]))
+    return messages
+
+
+def database_messages(alias: str, conn: Any) -> list[CheckMessage]:
+    """What is wrong with database ``alias`` (a Django connection, not necessarily connected)."""
+    db = conn.settings_dict
+    if conn.vendor not in SUPPORTED_DATABASE_VENDORS:
+        return [
+            Error(
+                f"DATABASES[{alias!r}] ({db.get('ENGINE')}, vendor {conn.vendor!r}) holds supervisor_app's tables, "
+                "but only PostgreSQL and SQLite are supported: the agent's writes are UPDATE ... RETURNING "
+                "statements and the sweep locks rows with SELECT ... FOR UPDATE SKIP LOCKED.",
+                hint="Keep supervisor_app's models on a PostgreSQL database (a database router can send them "
+                "there while the rest of the project stays where it is).",
+                id="supervisor_app.E020",
+            )
+        ]
+    messages: list[CheckMessage] = []
+    if db.get("AUTOCOMMIT", True) is False:
+        messages.append(
+            Error(
+                f"DATABASES[{alias!r}]['AUTOCOMMIT'] is False: no claim, lease renewal or finish of an agent "
+                "would ever commit (nor the sweep's transactions), so every run would look lost.",
+                hint="Remove AUTOCOMMIT (Django's default, True) for the database of supervisor_app's tables.",
+                id="supervisor_app.E021",
+            )
+        )
+    if conn.vendor == "sqlite":
+        version = tuple(conn.Database.sqlite_version_info)
+        if version < SQLITE_MIN_VERSION:
+            messages.append(
+                Error(
+                    f"DATABASES[{alias!r}] runs SQLite {'.'.join(map(str, version))}; supervisor_app needs "
+                    f"{'.'.join(map(str, SQLITE_MIN_VERSION))} or newer (UPDATE ... RETURNING).",
+                    id="supervisor_app.E022",
+                )
+            )
+    options = db.get("OPTIONS") or {}
+    if (
+        conn.vendor == "postgresql"
+        and db.get("DISABLE_SERVER_SIDE_CURSORS")
+        and options.get("server_side_binding")
+        and options.get("prepare_threshold") is not None
+    ):
+        messages.append(
+            Warning(
+                f"DATABASES[{alias!r}] disables server-side cursors (as for a pooler in transaction mode, such as "
+                "PgBouncer) and has psycopg prepare named statements (server_side_binding with prepare_threshold "
+                f"{options['prepare_threshold']!r}). A transaction-mode PgBouncer before 1.21, or without "
+                "max_prepared_statements, hands each transaction to any server connection: statements then fail at "
+                'random ("prepared statement "_pg3_0" already exists" with PgBouncer 1.18), the agent\'s claims '
+                "and lease renewals among them.",
+                hint="Behind a transaction pooler, leave prepare_threshold unset (Django's default: None) or bind "
+                "client-side (the default); or enable max_prepared_statements on PgBouncer 1.21+.",
+                id="supervisor_app.W020",
+            )
+        )
+    return messages
