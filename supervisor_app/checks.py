@@ -221,7 +221,7 @@ SQLITE_MIN_VERSION = (3, 35)
 
 def check_database(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
     """The databases holding supervisor_app's tables (as the routers send them) must be ones the
-    agent's writes work on (E020-E022, W020). Reads settings only: no connection is opened."""
+    agent's writes work on (E030-E032, W030). Reads settings only: no connection is opened."""
     from django.apps import apps
     from django.db import connections, router
 
@@ -245,7 +245,7 @@ def database_messages(alias: str, conn: Any) -> list[CheckMessage]:
                 "statements and the sweep locks rows with SELECT ... FOR UPDATE SKIP LOCKED.",
                 hint="Keep supervisor_app's models on a PostgreSQL database (a database router can send them "
                 "there while the rest of the project stays where it is).",
-                id="supervisor_app.E020",
+                id="supervisor_app.E030",
             )
         ]
     messages: list[CheckMessage] = []
@@ -255,7 +255,7 @@ def database_messages(alias: str, conn: Any) -> list[CheckMessage]:
                 f"DATABASES[{alias!r}]['AUTOCOMMIT'] is False: no claim, lease renewal or finish of an agent "
                 "would ever commit (nor the sweep's transactions), so every run would look lost.",
                 hint="Remove AUTOCOMMIT (Django's default, True) for the database of supervisor_app's tables.",
-                id="supervisor_app.E021",
+                id="supervisor_app.E031",
             )
         )
     if conn.vendor == "sqlite":
@@ -265,7 +265,7 @@ def database_messages(alias: str, conn: Any) -> list[CheckMessage]:
                 Error(
                     f"DATABASES[{alias!r}] runs SQLite {'.'.join(map(str, version))}; supervisor_app needs "
                     f"{'.'.join(map(str, SQLITE_MIN_VERSION))} or newer (UPDATE ... RETURNING).",
-                    id="supervisor_app.E022",
+                    id="supervisor_app.E032",
                 )
             )
     options = db.get("OPTIONS") or {}
@@ -285,7 +285,7 @@ def database_messages(alias: str, conn: Any) -> list[CheckMessage]:
                 "and lease renewals among them.",
                 hint="Behind a transaction pooler, leave prepare_threshold unset (Django's default: None) or bind "
                 "client-side (the default); or enable max_prepared_statements on PgBouncer 1.21+.",
-                id="supervisor_app.W020",
+                id="supervisor_app.W030",
             )
         )
     return messages

@@ -1,4 +1,4 @@
-"""System checks on the database of supervisor_app's tables (E020-E022, W020): configurations the
+"""System checks on the database of supervisor_app's tables (E030-E032, W030): configurations the
 agent's writes can't work on are refused at start-up with a clear message."""
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def test_the_test_settings_pass() -> None:
 @pytest.mark.parametrize("vendor", ["mysql", "oracle", "microsoft", "cockroachdb"])
 def test_a_database_other_than_postgresql_or_sqlite_is_refused(vendor: str) -> None:
     messages = database_messages("runs", fake(vendor, AUTOCOMMIT=False))
-    assert ids(messages) == ["supervisor_app.E020"]  # nothing else said about a database refused outright
+    assert ids(messages) == ["supervisor_app.E030"]  # nothing else said about a database refused outright
     assert "DATABASES['runs']" in messages[0].msg and repr(vendor) in messages[0].msg
     assert "router" in messages[0].hint
 
@@ -47,12 +47,12 @@ def test_postgresql_and_sqlite_with_django_defaults_pass(vendor: str) -> None:
 
 def test_autocommit_off_is_refused() -> None:
     messages = database_messages("default", fake("postgresql", AUTOCOMMIT=False))
-    assert ids(messages) == ["supervisor_app.E021"]
+    assert ids(messages) == ["supervisor_app.E031"]
     assert "AUTOCOMMIT" in messages[0].msg
 
 
 def test_sqlite_without_update_returning_is_refused() -> None:
-    assert ids(database_messages("default", fake("sqlite", sqlite=(3, 34, 1)))) == ["supervisor_app.E022"]
+    assert ids(database_messages("default", fake("sqlite", sqlite=(3, 34, 1)))) == ["supervisor_app.E032"]
     assert database_messages("default", fake("sqlite", sqlite=(3, 35, 0))) == []
 
 
@@ -60,7 +60,7 @@ def test_named_prepared_statements_behind_a_transaction_pooler_are_warned() -> N
     pooled = {"DISABLE_SERVER_SIDE_CURSORS": True}
     prepared = {"server_side_binding": True, "prepare_threshold": 5}
     messages = database_messages("default", fake("postgresql", OPTIONS=prepared, **pooled))
-    assert ids(messages) == ["supervisor_app.W020"]
+    assert ids(messages) == ["supervisor_app.W030"]
     assert "PgBouncer" in messages[0].msg
     # Each alone is fine: no pooler marker, no named statements, or client-side binding (never prepares).
     assert database_messages("default", fake("postgresql", OPTIONS=prepared)) == []
@@ -107,4 +107,4 @@ def test_manage_py_check_reports_it() -> None:
     done = subprocess.run(
         [sys.executable, "manage.py", "check"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
     )
-    assert "supervisor_app.W020" in done.stderr + done.stdout
+    assert "supervisor_app.W030" in done.stderr + done.stdout

@@ -81,7 +81,7 @@ CONFIGS = [
     Config("psycopg2", {"DEMO_PG_DRIVER": "psycopg2"}, driver="psycopg2", kill=True),
     Config("pgbouncer-transaction", {"DEMO_PG_DISABLE_SERVER_SIDE_CURSORS": "1"}, pgbouncer=True, kill=True),
     # Server-side binding through PgBouncer works with Django's default (no named prepared statements;
-    # PgBouncer 1.18 can't carry those across transactions: system check W020).
+    # PgBouncer 1.18 can't carry those across transactions: system check W030).
     Config(
         "pgbouncer-server-side-binding",
         {"DEMO_PG_DISABLE_SERVER_SIDE_CURSORS": "1", "DEMO_PG_SERVER_SIDE_BINDING": "1"},
