@@ -32,3 +32,16 @@ def test_readme_names_the_two_commands() -> None:
     assert "make demo" in text and "make test" in text
     ci = (README.parent / ".ci" / "run").read_text()
     assert ci.strip().splitlines()[-1] == "make test"
+
+
+def test_where_it_runs_names_every_driver_case_and_no_other() -> None:
+    """The README's driver table and tests/integration/test_drivers.py name the same cases."""
+    import re
+
+    from tests.integration.test_drivers import CONFIGS
+
+    text = README.read_text()
+    section = text[text.index("## Where it runs") : text.index("**Worker pools.**")]
+    last_cells = [line.rstrip(" |").rpartition("|")[2] for line in section.splitlines() if line.startswith("| ")]
+    named = {case for cell in last_cells for case in re.findall(r"`((?:psycopg|pgbouncer)[a-z0-9-]*)`", cell)}
+    assert named == {config.id for config in CONFIGS}
