@@ -10,7 +10,7 @@ TEST_BROKER_URL   ?= amqp://guest:guest@127.0.0.1:5672//
 TEST_REDIS_URL    ?= redis://127.0.0.1:6379/15
 TEST_QUEUE        ?= supervisor-test
 
-.PHONY: demo test test-sqlite test-postgres test-restarts lint bench chaos clean
+.PHONY: demo test test-sqlite test-postgres test-quorum test-restarts lint bench chaos clean
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,11 +25,17 @@ demo: $(STAMP)
 
 ## make test: lint, then the whole suite on PostgreSQL + RabbitMQ (+ Redis), then the server restarts
 ## and crashes on private servers of their own, then the portable part on SQLite.
-test: $(STAMP) lint test-postgres test-restarts test-sqlite
+test: $(STAMP) lint test-postgres test-quorum test-restarts test-sqlite
 
 test-postgres: $(STAMP)
 	DATABASE_URL=$(TEST_DATABASE_URL) CELERY_BROKER_URL=$(TEST_BROKER_URL) CELERY_TASK_DEFAULT_QUEUE=$(TEST_QUEUE) SUPERVISOR_TEST_REDIS_URL=$(TEST_REDIS_URL) \
 		$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# RabbitMQ quorum queues: the kill and hang scenarios again, the default queue declared as a quorum queue.
+test-quorum: $(STAMP)
+	DATABASE_URL=$(TEST_DATABASE_URL) CELERY_BROKER_URL=$(TEST_BROKER_URL) CELERY_TASK_DEFAULT_QUEUE=$(TEST_QUEUE)-quorum \
+		CELERY_TASK_DEFAULT_QUEUE_TYPE=quorum $(BIN)/python -m pytest $(PYTEST_ARGS) tests/integration/test_quorum.py \
+		tests/integration/test_recovery_integration.py -k "quorum or sigkill or sigstop or prefetched"
 
 # PostgreSQL, RabbitMQ and Redis started on other ports for these tests alone (tests/faults/servers.py):
 # restarting the machine's servers would cut every other client.
