@@ -62,9 +62,10 @@ bench: $(STAMP)
 
 ## make chaos: the fault suite's long form: hundreds of runs under random, seeded faults, once per seed,
 ## on private servers it may restart and crash (tests/faults/servers.py). CHAOS_SEEDS run with RabbitMQ,
-## CHAOS_REDIS_SEEDS with Redis as the broker; CHAOS_SEED=n runs one seed (RabbitMQ); CHAOS_RUNS per seed.
+## CHAOS_REDIS_SEEDS with Redis as the broker, CHAOS_QUORUM_SEEDS with RabbitMQ quorum queues; CHAOS_SEED=n runs one seed (RabbitMQ); CHAOS_RUNS per seed.
 CHAOS_SEEDS ?= $(if $(CHAOS_SEED),$(CHAOS_SEED),11 23 37)
 CHAOS_REDIS_SEEDS ?= $(if $(CHAOS_SEED),,41)
+CHAOS_QUORUM_SEEDS ?= $(if $(CHAOS_SEED),,53)
 chaos: $(STAMP)
 	@for seed in $(CHAOS_SEEDS); do \
 		echo "== chaos seed $$seed, RabbitMQ"; \
@@ -75,4 +76,12 @@ chaos: $(STAMP)
 		echo "== chaos seed $$seed, Redis"; \
 		CHAOS_SEED=$$seed CELERY_TASK_DEFAULT_QUEUE=supervisor-chaos $(BIN)/python -m tests.faults.servers --broker redis -- \
 			$(BIN)/python -m pytest tests/faults/chaos.py -q $(PYTEST_ARGS) || exit 1; \
+	done; \
+	for seed in $(CHAOS_QUORUM_SEEDS); do \
+		echo "== chaos seed $$seed, RabbitMQ quorum queues"; \
+		CHAOS_SEED=$$seed CELERY_TASK_DEFAULT_QUEUE=supervisor-chaos-quorum CELERY_TASK_DEFAULT_QUEUE_TYPE=quorum \
+			$(BIN)/python -m tests.faults.servers -- $(BIN)/python -m pytest tests/faults/chaos.py -q $(PYTEST_ARGS) || exit 1; \
 	done
+	@echo "== 1,000 sweeps that publish: pools and connections flat"
+	DATABASE_URL=$(TEST_DATABASE_URL) CELERY_BROKER_URL=$(TEST_BROKER_URL) CELERY_TASK_DEFAULT_QUEUE=supervisor-hygiene \
+		HYGIENE_SWEEPS=1000 $(BIN)/python -m pytest tests/integration/test_hygiene.py -q $(PYTEST_ARGS)
