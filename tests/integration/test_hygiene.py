@@ -63,6 +63,6 @@ def test_sweeps_that_publish_leave_pools_and_connections_flat(settings: Any) -> 
     assert in_use(current_app.pool) == connections_
     assert sessions() <= db_sessions
     with current_app.connection_for_write() as conn:
-        name, count, _ = conn.default_channel.queue_declare(queue=queue, passive=True)
+        _name, count, _ = conn.default_channel.queue_declare(queue=queue, passive=True)
         assert count >= SWEEPS  # they really went to the broker
         conn.default_channel.queue_purge(queue)
