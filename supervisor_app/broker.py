@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, ClassVar, NamedTuple, TypeVar
 
 from django.utils import timezone
+
+from .core.backlog import QueueState
 
 logger = logging.getLogger("supervisor_app")
 
@@ -152,6 +155,8 @@ class Publisher:
         self.failed = 0
         self._producer: Any = None
         self._closed = False
+        #: The queues' states, asked once per queue for this publisher's lifetime (a sweep).
+        self.queues = QueueProbe()
 
     def _acquire(self) -> Any:
         if self._producer is None:
@@ -224,6 +229,130 @@ class Publisher:
 
     def unsent(self, messages: Sequence[Message]) -> None:
         """Messages that could not be sent. Nothing to do here; ``runs.publishing`` records them."""
+
+
+# --------------------------------------------------------------------------- queues
+
+
+def queue_of(task_name: str, options: Mapping[str, Any]) -> str | None:
+    """The name of the queue a run's messages go to, as Celery's router decides it (the run's kept
+    ``queue``, ``task_routes``, the default queue). None when an exchange or routing key of the run's
+    own decides (the broker's bindings route it: no one queue to ask about)."""
+    from celery import current_app
+
+    if not options.get("queue") and (options.get("exchange") or options.get("routing_key")):
+        return None
+    route = current_app.amqp.router.route(dict(options), task_name, (), {})
+    queue = route.get("queue")
+    name = getattr(queue, "name", queue)
+    return str(name) if name else None
+
+
+def inspect_queue(name: str) -> QueueState | None:
+    """Ask the broker about one queue: ready messages and consumers. None when the transport can't
+    say (filesystem and others) or the broker can't be reached.
+
+    RabbitMQ (classic and quorum queues alike): a passive ``queue.declare`` on a channel of its own
+    (a queue that does not exist closes the channel: nothing in it, nobody consuming it). Redis:
+    kombu's count of the queue's lists (one per priority step, ``LLEN``); consumers can't be counted
+    (``BRPOP`` leaves no trace); the ``unacked`` hash (messages delivered, not acknowledged: a dead
+    consumer's come back only after the visibility timeout) is reported, not counted as ready.
+    """
+    from celery import current_app
+
+    pool: Any = current_app.pool
+    try:
+        with pool.acquire(block=True, timeout=5) as conn:
+            driver = conn.transport.driver_type
+            if driver == "amqp":
+                return _amqp_queue(conn, name)
+            if driver == "redis":
+                channel = conn.default_channel
+                unacked = int(channel.client.hlen(channel.unacked_key))
+                return QueueState(name, int(channel._size(name)), None, unacked)
+    except Exception as exc:  # broker down: the sweep behaves as it would without inspection
+        logger.warning("could not inspect queue %r (%s)", name, type(exc).__name__)
+    return None
+
+
+def _amqp_queue(conn: Any, name: str) -> QueueState:
+    from amqp.exceptions import NotFound
+
+    channel = conn.channel()
+    try:
+        ok = channel.queue_declare(queue=name, passive=True)
+    except NotFound:
+        return QueueState(name, 0, 0)
+    finally:
+        try:
+            channel.close()
+        except Exception:  # closed by the broker already (NotFound)
+            logger.debug("channel close failed", exc_info=True)
+    return QueueState(name, int(ok.message_count), int(ok.consumer_count))
+
+
+class QueueProbe:
+    """What the broker says about each queue, asked once per queue for the probe's lifetime (a sweep).
+
+    It also remembers, for this process, the runs it saw left waiting (a backlog, a worker outage) or
+    waiting on a queue nobody consumes, each for twice its start timeout (it is judged again once per
+    start timeout while it waits): the sweep's ``queues`` figures, which ``health/`` reports.
+    """
+
+    #: run id -> (queue, verdict, until (monotonic)), shared by the probes of this process.
+    _seen: ClassVar[dict[int, tuple[str, str, float]]] = {}
+    #: queue -> its last state, shared likewise.
+    _last: ClassVar[dict[str, QueueState | None]] = {}
+    #: Verdicts remembered for health: the run waits, or waits on a queue nobody consumes.
+    WAITING = frozenset({"backlog", "outage", "unconsumed"})
+
+    def __init__(self, inspect: Any = None) -> None:
+        self._inspect = inspect
+        self._states: dict[str, QueueState | None] = {}
+
+    def state(self, name: str | None) -> QueueState | None:
+        if name is None:
+            return None
+        if name not in self._states:
+            state = (self._inspect or inspect_queue)(name)
+            self._states[name] = QueueProbe._last[name] = state
+        return self._states[name]
+
+    def any_consumed(self) -> bool:
+        """Whether any queue asked about, or the default queue, has a consumer: False is a worker
+        outage (every worker down), not a queue nobody consumes."""
+        from celery import current_app
+
+        self.state(current_app.conf.task_default_queue)
+        return any(s is not None and s.consumed for s in self._states.values())
+
+    def note(self, run_id: int, queue: str | None, verdict: str, ttl: float) -> None:
+        """Remember the verdict on a run (for ``ttl`` seconds) if it leaves the run waiting."""
+        if verdict in self.WAITING:
+            QueueProbe._seen[run_id] = (queue or "?", verdict, time.monotonic() + ttl)
+        else:
+            QueueProbe._seen.pop(run_id, None)
+
+    @classmethod
+    def summary(cls) -> dict[str, dict[str, Any]]:
+        """Per queue, the runs of this process's recent sweeps left waiting (by verdict) and the
+        broker's last figures for it."""
+        now = time.monotonic()
+        for run_id in [k for k, (_q, _v, until) in cls._seen.items() if until < now]:
+            del cls._seen[run_id]
+        out: dict[str, dict[str, Any]] = {}
+        for queue, verdict, _until in cls._seen.values():
+            state = cls._last.get(queue)
+            entry = out.setdefault(
+                queue,
+                {
+                    "runs": {},
+                    "ready": None if state is None else state.ready,
+                    "consumers": None if state is None else state.consumers,
+                },
+            )
+            entry["runs"][verdict] = entry["runs"].get(verdict, 0) + 1
+        return out
 
 
 def revoke(task_id: str) -> None:

@@ -55,7 +55,9 @@ SETTINGS: dict[str, Setting] = {
             "START_TIMEOUT",
             None,
             "Seconds a published attempt may wait before a worker starts it; after that the "
-            "supervisor publishes it again (a worker that hung with the message prefetched). "
+            "supervisor asks the broker about its queue and publishes it again if its message is "
+            "gone (no message ready in the queue: purged, lost, held by a hung worker), or its queue "
+            "has no consumer while others have; behind a healthy backlog it is left waiting. "
             "None means the lease timeout.",
             duration=True,
         ),
@@ -65,8 +67,18 @@ SETTINGS: dict[str, Setting] = {
             'Publishes of one attempt that no worker starts before the run ends `dead`, "never started: '
             'no worker took it" (a task no worker knows, a queue nobody consumes), with an alert. '
             "Republishing backs off from the start timeout to 10 minutes, so 20 is about 3 hours with "
-            "the default start timeout. A backlog (or a worker outage) longer than that ends runs too: "
-            "raise it where queues wait longer.",
+            "the default start timeout. Only publishes of a lost message or to an unconsumed queue "
+            "count: a run left waiting behind a healthy backlog, or while no queue has a consumer "
+            "(a worker outage), is not published and does not count.",
+        ),
+        Setting(
+            "MAX_BACKLOG_WAIT",
+            3600.0,
+            "Seconds a run waits behind a healthy backlog (its queue has ready messages and consumers) "
+            "before it is published once more anyway, and again after each further such wait: the bound "
+            "on detecting a message lost from a queue that never empties. On Redis, where consumers "
+            "can't be counted, those publishes count toward `SUPERVISOR_MAX_PUBLISHES`. None: no bound.",
+            duration=True,
         ),
         Setting(
             "BACKOFF",
@@ -327,6 +339,10 @@ class SupervisorSettings:
     @property
     def max_publishes(self) -> int:
         return max(int(self.raw("MAX_PUBLISHES")), 1)
+
+    @property
+    def max_backlog_wait(self) -> float | None:
+        return _seconds("MAX_BACKLOG_WAIT", self.raw("MAX_BACKLOG_WAIT"))
 
     @property
     def max_runtime(self) -> float | None:

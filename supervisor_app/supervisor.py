@@ -108,8 +108,7 @@ def _retry(batch: list[SupervisedRun], publisher: RunPublisher, report: SweepRep
 
 
 def _unstarted(batch: list[SupervisedRun], publisher: RunPublisher, report: SweepReport) -> None:
-    for run in batch:
-        status = recovery.republish(run, publisher)
+    for status in recovery.republish_batch(batch, publisher):
         if status == RunStatus.QUEUED:
             report.republished += 1
         elif status == RunStatus.DEAD:  # never started: no worker took it
@@ -239,6 +238,9 @@ def run_sweep(name: str | None = None) -> SweepReport:
                     _run_phase(phase, publisher, report, deadline, batch_size)
     report.published = publisher.sent
     report.publish_failures = publisher.failed
+    queues = publisher.queues.summary()
+    if queues:  # runs left waiting behind a backlog or for workers, or on a queue nobody consumes
+        report.extra["queues"] = queues
     report.duration = time.monotonic() - started
     stats = report.as_dict()
     stats["detection_latency"] = DETECTION_LATENCY.observe_all(report.detection_latencies)

@@ -42,6 +42,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def queues_not_inspected(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sweeps run in a test process don't ask the broker about queues (as on the filesystem transport):
+    a test's queue has no consumer, which the sweep would take for a worker outage. Tests of the
+    inspection set ``broker.inspect_queue`` themselves; processes a test starts always ask."""
+    from supervisor_app import broker
+
+    monkeypatch.setattr(broker, "inspect_queue", lambda name: None)
+
+
 @pytest.fixture
 def fast_settings(settings: Any) -> Any:
     for key, value in FAST.items():

@@ -244,8 +244,11 @@ LIVENESS: tuple[Watch, ...] = (
     Watch(
         RunStatus.QUEUED,
         "next_check_at",
-        "not started within the start timeout: published again (backoff capped at 10 min)",
-        "`dead` after `SUPERVISOR_MAX_PUBLISHES` publishes: never started, no worker took it",
+        "not started within the start timeout: its queue is asked; left waiting behind a healthy backlog "
+        "or while no queue has a consumer (health reports it); else published again (backoff capped at "
+        "10 min; behind a backlog once per `SUPERVISOR_MAX_BACKLOG_WAIT`)",
+        "`dead` after `SUPERVISOR_MAX_PUBLISHES` publishes of a lost message or to an unconsumed queue: "
+        "never started, no worker took it",
     ),
     Watch(
         RunStatus.QUEUED,

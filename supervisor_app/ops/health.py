@@ -43,8 +43,14 @@ class HealthReport:
     #: skipped by the sweep, see ``ops.isolation``): a fault the supervisor can't fix by itself.
     sweep_errors: int = 0
     #: Queued runs allowed to wait, by reason (the liveness table's explicit reasons): ``held``, a
-    #: ``queue_one`` run behind its schedule's active run. Not problems: they have a way out.
+    #: ``queue_one`` run behind its schedule's active run; ``backlog``, a run whose start timeout passed
+    #: while its queue still has ready messages and consumers. Not problems: they have a way out.
+    #: (``outage``, runs waiting while no queue has a consumer, are counted here and reported as a problem.)
     waiting: dict[str, int] = field(default_factory=dict)
+    #: Per queue, what the live supervisors' last sweeps saw: runs left waiting (``backlog``,
+    #: ``outage``) or published to a queue nobody consumes (``unconsumed``), and the broker's
+    #: ``ready`` and ``consumers`` figures.
+    queues: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -102,6 +108,7 @@ def check_health() -> HealthReport:
     if report.stuck_queued:
         report.problems.append(f"{report.stuck_queued} queued run(s) overdue by over {stale_after:.0f}s")
     _sweep_errors(report)
+    _queues(report)
     report.ok = not report.problems
     return report
 
@@ -120,3 +127,33 @@ def _sweep_errors(report: HealthReport) -> None:
             f"supervisor {proc.name}: {count} failure(s) in its last sweep, skipped "
             f"(first: {where}: {first.get('error', '?')})"
         )
+
+
+def _queues(report: HealthReport) -> None:
+    """Runs waiting on their queue, from the live supervisors' last sweeps (``broker.QueueProbe``): a
+    healthy backlog is waiting, not a problem; a queue nobody consumes, or no consumer anywhere (a
+    worker outage), is a problem."""
+    for proc in report.supervisors:
+        if proc.stale:
+            continue
+        for queue, seen in ((proc.stats.get("extra") or {}).get("queues") or {}).items():
+            entry = report.queues.setdefault(
+                queue, {"runs": {}, "ready": seen.get("ready"), "consumers": seen.get("consumers")}
+            )
+            for verdict, n in (seen.get("runs") or {}).items():
+                entry["runs"][verdict] = entry["runs"].get(verdict, 0) + int(n)
+    for queue, entry in sorted(report.queues.items()):
+        runs = entry["runs"]
+        for verdict in ("backlog", "outage"):
+            if runs.get(verdict):
+                report.waiting[verdict] = report.waiting.get(verdict, 0) + runs[verdict]
+        if runs.get("unconsumed"):
+            report.problems.append(
+                f"{runs['unconsumed']} queued run(s) on queue {queue!r}, which no worker consumes: published "
+                "again until SUPERVISOR_MAX_PUBLISHES, then dead (never started)"
+            )
+        if runs.get("outage"):
+            report.problems.append(
+                f"{runs['outage']} queued run(s) on queue {queue!r} waiting for a worker: no queue has a "
+                "consumer (workers down?)"
+            )

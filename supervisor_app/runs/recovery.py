@@ -4,6 +4,7 @@ two supervisors racing on one row act once."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
 from typing import Any
@@ -13,6 +14,8 @@ from django.db.models.functions import Cast, Concat, Now
 
 from .. import broker, signals
 from ..conf import supervisor_settings
+from ..core.backlog import Verdict
+from ..core.backlog import judge as judge_backlog
 from ..core.ids import first_task_id, new_token
 from ..core.retry import NEVER_STARTED_REASON, has_attempts_left, never_started, republish_delay
 from ..core.states import (
@@ -31,6 +34,8 @@ from ..models import RunAttempt, SupervisedRun
 from . import rows
 from .notify import send_many_on_commit, send_on_commit
 from .publishing import RunPublisher, publish_on_commit
+
+logger = logging.getLogger("supervisor_app")
 
 
 def _requeue_or_bury(
@@ -186,13 +191,51 @@ def dispatch_retry(run: SupervisedRun, publisher: RunPublisher) -> bool:
     return True
 
 
-def republish(run: SupervisedRun, publisher: RunPublisher) -> str | None:
-    """A queued attempt nobody started in time: publish it again (the claim drops duplicates).
-    Returns the run's status if it changed or was published (``queued``), else None.
+def republish_batch(runs: Sequence[SupervisedRun], publisher: RunPublisher) -> list[str | None]:
+    """:func:`republish` for a locked batch: when each attempt was recorded (the backlog bound counts
+    from it) read in one query, and each queue asked about once (``publisher.queues``)."""
+    now = db_now()
+    later = [run.pk for run in runs if run.attempt > 1]
+    queued_at = {
+        (row["run_id"], row["number"]): row["created_at"]
+        for row in RunAttempt.objects.filter(run_id__in=later).values("run_id", "number", "created_at")
+    }
+    out = []
+    for run in runs:
+        since = queued_at.get((run.pk, run.attempt), run.created_at)
+        out.append(republish(run, publisher, waited=(now - since).total_seconds()))
+    return out
+
+
+def judge(run: SupervisedRun, publisher: RunPublisher, waited: float) -> tuple[str | None, Verdict]:
+    """Its queue and the verdict on an unstarted attempt (see ``core.backlog``)."""
+    options = run.options or {}
+    try:
+        queue = broker.queue_of(run.task_name, options)
+    except Exception:  # a route Celery refuses: publishing fails the same way, as before
+        logger.warning("run %s: no queue for its route; published again without asking", run.pk, exc_info=True)
+        queue = None
+    probe = publisher.queues
+    state = probe.state(queue) if run.publish_count else None
+    any_consumed = probe.any_consumed() if state is not None and state.consumers == 0 else True
+    return queue, judge_backlog(state, run.publish_count, waited, supervisor_settings.max_backlog_wait, any_consumed)
+
+
+def republish(run: SupervisedRun, publisher: RunPublisher, waited: float = 0.0) -> str | None:
+    """A queued attempt nobody started in time: publish it again if its message is lost (the claim
+    drops duplicates). Returns the run's status if it changed or was published (``queued``), else None.
+
+    Its queue is asked about first (``core.backlog``): behind a healthy backlog (ready messages,
+    consumers) or during a worker outage (no queue has a consumer) the run is left waiting one more
+    start timeout, not published, not counted; published again when no message is ready in its queue
+    (purged, lost by the broker, held by a hung consumer), when its queue has no consumer while others
+    do, after waiting ``SUPERVISOR_MAX_BACKLOG_WAIT`` per publish (``waited``: seconds since the
+    attempt was recorded), or when the broker can't be asked.
 
     A run whose messages have expired (its ``expires`` option passed) is not published again: a
     worker would drop the message unrun, for ever. It ends ``missed``, with the reason. An attempt
-    published ``SUPERVISOR_MAX_PUBLISHES`` times that no worker started ends ``dead``.
+    published ``SUPERVISOR_MAX_PUBLISHES`` times that no worker started ends ``dead`` (not while its
+    queue is a healthy backlog).
     """
     expires = broker.expiry(run.options or {})
     if expires is not None and expires <= db_now():
@@ -205,12 +248,18 @@ def republish(run: SupervisedRun, publisher: RunPublisher) -> str | None:
             send_on_commit(signals.run_missed, run.pk, reason=why, batch=())
             return EXPIRE_UNSTARTED.target
         return None
-    if never_started(run.publish_count, supervisor_settings.max_publishes):
+    queue, verdict = judge(run, publisher, waited)
+    publisher.queues.note(run.pk, queue, verdict.value, 2 * run.start_timeout.total_seconds())
+    due = rows.of(REPUBLISH, run.pk, run.attempt).filter(next_check_at__lte=Now())
+    if not verdict.publishes:
+        # Waiting its turn (or for the workers): look again after one more start timeout.
+        due.update(next_check_at=after(run.start_timeout))
+        return None
+    if verdict.may_end and never_started(run.publish_count, supervisor_settings.max_publishes):
         return _never_started(run)
     count = run.publish_count + 1
     delay = republish_delay(run.start_timeout.total_seconds(), count)
     task_id = run.task_id or first_task_id(run.pk)
-    due = rows.of(REPUBLISH, run.pk, run.attempt).filter(next_check_at__lte=Now())
     if not due.update(publish_count=count, next_check_at=after(timedelta(seconds=delay)), task_id=task_id):
         return None
     publish_on_commit(run, run.attempt, task_id, publisher)

@@ -24,7 +24,7 @@ from ..conf import supervisor_settings
 from ..core.errors import LeaseLost, RunCancelled
 from ..core.retry import FailureDecision, RetryPolicy, decide_failure
 from ..db import bound_agent_sockets, cut_socket, drop_broken_connection
-from . import interrupt
+from . import interrupt, started
 from .lease_keeper import Lease, lease_keeper
 
 if TYPE_CHECKING:
@@ -156,6 +156,8 @@ def execute(task: SupervisedTask, run_id: int, attempt: int, args: tuple[Any, ..
         # A duplicate or late delivery (republished message, broker redelivery, superseded attempt).
         logger.info("run %s attempt %s is not claimable; delivery dropped", run_id, attempt)
         raise Ignore()
+    # Only the delivery that won the claim tells the result backend it started (never a duplicate).
+    started.store_started(task, worker)
     # The request context is per task execution (and per thread with the threads pool).
     setattr(request, "supervisor_checkpoint", won.checkpoint)  # noqa: B010
     stop, hard_stop = interrupt.stopper((run_id, attempt))

@@ -35,6 +35,26 @@ class SupervisedTask(Task):  # type: ignore[misc]
     #: Marks supervised tasks in Celery's registry (``supervisor_app.registry``), so that the layers
     #: below can tell them apart without importing this class.
     supervised: ClassVar[bool] = True
+    #: Celery's ``track_started`` as configured (the task's option; None: ``task_track_started``). The
+    #: agent stores ``STARTED`` once its claim is won (``worker.started``); Celery's tracer, which
+    #: would store it for every delivery, duplicates included, sees ``track_started`` False.
+    report_started: ClassVar[bool | None] = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # ``@shared_task(base=SupervisedTask, track_started=True)`` puts the option in the class: keep
+        # it as ``report_started`` and let the property below answer the tracer.
+        if "track_started" in cls.__dict__ and not isinstance(cls.__dict__["track_started"], property):
+            value = cls.__dict__["track_started"]
+            if value is not None:
+                cls.report_started = bool(value)
+            delattr(cls, "track_started")
+
+    @property
+    def track_started(self) -> bool:  # type: ignore[override]
+        """False for Celery's tracer, which stores ``STARTED`` before the task's code runs, so a
+        duplicate delivery would overwrite a stored ``SUCCESS``; see ``report_started``."""
+        return False
 
     #: Seconds a lease lasts after each renewal (``SUPERVISOR_LEASE_TIMEOUT``).
     lease_timeout: float | None = None
