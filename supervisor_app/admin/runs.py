@@ -191,8 +191,8 @@ class SupervisedRunAdmin(admin.ModelAdmin):
     list_select_related = ("periodic_task",)
     list_per_page = 50
     list_max_show_all = 200
-    search_fields = ("task_name", "worker")
-    search_help_text = _("A run id, or part of a task name or worker name.")
+    search_fields = ("task_name", "worker", "=unique_key")
+    search_help_text = _("A run id, part of a task name or worker name, or a whole unique key.")
     show_full_result_count = False
     paginator = CappedPaginator
     ordering = ("-created_at", "-id")
@@ -210,6 +210,7 @@ class SupervisedRunAdmin(admin.ModelAdmin):
                     "attempts",
                     "worker",
                     "task_id",
+                    "unique",
                     "adopted_from",
                     "cancel_requested",
                     "last_error_text",
@@ -245,6 +246,7 @@ class SupervisedRunAdmin(admin.ModelAdmin):
         "attempts",
         "worker",
         "task_id",
+        "unique",
         "adopted_from",
         "cancel_requested",
         "last_error_text",
@@ -342,6 +344,17 @@ class SupervisedRunAdmin(admin.ModelAdmin):
             return "—"
         end = obj.finished_at if obj.finished_at else (timezone.now() if obj.status == RunStatus.RUNNING else None)
         return human_duration(end - obj.started_at) if end else "—"
+
+    @admin.display(description=_("unique key"))
+    def unique(self, obj: SupervisedRun) -> str:
+        """The key of a unique run (``unique_by`` or ``unique_key``), and how long it holds it."""
+        if not obj.unique_key:
+            return "—"
+        if obj.unique_until is None:
+            return format_html("{} <small>({})</small>", obj.unique_key, _("held while the run is active"))
+        return format_html(
+            "{} <small>({} {})</small>", obj.unique_key, _("held while the run is active, and until"), obj.unique_until
+        )
 
     @admin.display(description=_("adopted from message"))
     def adopted_from(self, obj: SupervisedRun) -> str:

@@ -10,6 +10,10 @@ from ..compat import check_constraint
 from ..core.states import ACTIVE_STATUSES, AttemptOutcome, RunStatus
 from .querysets import RunQuerySet
 
+#: The runs that hold their unique key: active ones, and those with a ``unique_for`` window (until a
+#: dispatch finds the window over and releases the key, ``supervisor_app.runs.unique``).
+HOLDS_KEY = Q(unique_key__isnull=False) & (Q(status__in=sorted(ACTIVE_STATUSES)) | Q(unique_until__isnull=False))
+
 
 class SupervisedRun(models.Model):
     """One logical run: a schedule slot or an ad-hoc ``.delay()``.
@@ -34,6 +38,12 @@ class SupervisedRun(models.Model):
     kwargs = models.JSONField(default=dict, blank=True)
     #: Publishing options kept for re-publishing (queue, routing key, priority...).
     options = models.JSONField(default=dict, blank=True)
+    #: Unique runs (``supervisor_app.runs.unique``): the caller's ``unique_key``, or a hash of the
+    #: arguments the task's ``unique_by`` names. One run per (task, key) holds it (:data:`HOLDS_KEY`).
+    #: NULL, not "", on every other run: "no key" is then never equal to a key.
+    unique_key = models.CharField(max_length=80, null=True, blank=True, editable=False)  # noqa: DJ001
+    #: ``unique_for``: the run holds its key until this time (database clock), whatever its status.
+    unique_until = models.DateTimeField(null=True, blank=True, editable=False)
 
     status = models.CharField(max_length=16, choices=RunStatus.choices, default=RunStatus.QUEUED)
     attempt = models.PositiveIntegerField(default=1)
@@ -69,6 +79,10 @@ class SupervisedRun(models.Model):
 
     objects = RunQuerySet.as_manager()
 
+    #: Not a column: True on the run a unique dispatch returns when another run already held its key
+    #: (nothing was recorded; ``supervisor_app.runs.unique``).
+    deduplicated = False
+
     class Meta:
         ordering = ["-created_at", "-id"]
         constraints = [
@@ -85,6 +99,11 @@ class SupervisedRun(models.Model):
                 fields=["periodic_task"],
                 condition=Q(status=RunStatus.QUEUED, next_check_at__isnull=True, periodic_task__isnull=False),
                 name="supervisor_run_one_held",
+            ),
+            # Unique runs: at most one run per (task, key) holds the key, whoever dispatches at once.
+            # Runs without a key (all but unique ones) are never in this index.
+            models.UniqueConstraint(
+                fields=["task_name", "unique_key"], condition=HOLDS_KEY, name="supervisor_run_unique_key"
             ),
             check_constraint(Q(attempt__gte=1), "supervisor_run_attempt_gte_1"),
             check_constraint(Q(status__in=[s.value for s in RunStatus]), "supervisor_run_status_valid"),

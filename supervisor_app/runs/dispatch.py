@@ -27,6 +27,7 @@ from ..core.policies import RunPolicy
 from ..core.states import RunStatus
 from ..db import after, convert, seconds
 from ..models import AdoptedMessage, SupervisedRun
+from . import unique
 from .publishing import publish_batch_on_commit
 
 
@@ -71,6 +72,8 @@ def create_run(
     adopted_message_id: str | None = None,
     hold: bool = False,
     last_error: str = "",
+    unique_key: str | None = None,
+    unique_for: float | None = None,
 ) -> SupervisedRun | None:
     """Record a run and, after commit, publish its first attempt.
 
@@ -84,6 +87,9 @@ def create_run(
     ``status``: a slot recorded as already decided (``missed``, ``skipped``) is finished at once,
     with ``last_error`` saying why. ``hold``: a ``queue_one`` slot waiting behind its schedule's active
     run, queued with no next check and unpublished until the schedule phase releases it.
+    ``unique_key`` (an ad-hoc run): when another run of the task holds that key, nothing is recorded or
+    published and that run is returned, ``deduplicated`` set; ``unique_for`` seconds: the new run holds
+    its key that long, whatever its status (see :mod:`.unique`).
     """
     args = list(args or [])
     kwargs = dict(kwargs or {})
@@ -123,6 +129,13 @@ def create_run(
         with transaction.atomic(using=using):
             run = SupervisedRun.objects.create(**fields)
             AdoptedMessage.objects.create(message_id=adopted_message_id, run=run)
+    elif unique_key is not None:
+        fields.update(unique_key=unique_key, **unique.window_values(unique_for))
+        pk, created = unique.insert_or_find(fields, using)
+        if not created:
+            return unique.holder(pk, task_name, unique_key)
+        run = SupervisedRun(pk=pk, **fields)
+        run._state.adding, run._state.db = False, using
     else:
         run = SupervisedRun.objects.create(**fields)
     # The id is known only after the insert; a second short write is avoided by deriving the first

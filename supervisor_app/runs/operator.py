@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from django.db import transaction
+from django.db import IntegrityError, transaction
 from django.db.models import F, Q
 from django.db.models.functions import Coalesce, Least, Now
 
@@ -47,7 +47,9 @@ def request_cancel(run_id: int) -> str | None:
 def retry_now(run_id: int) -> bool:
     """Operator action: a new attempt for a run, whatever its state except running.
 
-    A terminal run is reopened: the only way a terminal status ever changes.
+    A terminal run is reopened: the only way a terminal status ever changes. False, and nothing
+    changed, when the run is running, or when another active run holds its unique key (a unique run
+    ended, and the same key was dispatched again since).
     """
     with transaction.atomic():
         run = SupervisedRun.objects.select_for_update().filter(pk=run_id, status__in=REOPEN.source_list).first()
@@ -56,8 +58,13 @@ def retry_now(run_id: int) -> bool:
         next_attempt = run.attempt + 1
         values = rows.requeued(REOPEN, run, next_attempt)
         values.update(max_attempts=max(run.max_attempts, next_attempt), cancel_requested=False, finished_at=None)
-        if not SupervisedRun.objects.filter(pk=run.pk, attempt=run.attempt, status=run.status).update(**values):
-            return False
+        current = SupervisedRun.objects.filter(pk=run.pk, attempt=run.attempt, status=run.status)
+        try:
+            with transaction.atomic():  # a savepoint: the unique-key constraint may refuse the reopen
+                if not current.update(**values):
+                    return False
+        except IntegrityError:
+            return False  # another active run holds this run's unique key
         rows.new_attempt(run.pk, next_attempt, values["task_id"])
         publisher = RunPublisher()
         publish_on_commit(run, next_attempt, values["task_id"], publisher)

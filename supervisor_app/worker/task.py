@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import AbstractContextManager
+from datetime import timedelta
 from typing import Any, ClassVar
 
 from celery import Task
@@ -16,6 +17,7 @@ from celery import Task
 from .. import runs
 from ..broker import HEADER_ATTEMPT, HEADER_RUN
 from ..conf import supervisor_settings
+from ..core import unique
 from ..core.policies import RunPolicy
 from ..core.retry import RetryPolicy, exception_types
 from ..models import AdoptedMessage
@@ -73,6 +75,13 @@ class SupervisedTask(Task):  # type: ignore[misc]
     max_runtime: float | None = None
     #: Seconds a published attempt may wait unstarted before it is published again.
     start_timeout: float | None = None
+    #: Unique runs: dispatches with equal values of these arguments (names, passed by position or by
+    #: keyword; ``"args"``: all of them) share one run while it is active: dispatching again records
+    #: nothing and returns that run's handle. ``apply_async(unique_key=...)`` gives a key per call.
+    unique_by: str | tuple[str, ...] | None = None
+    #: Seconds (or a timedelta): a unique run holds its key that long after its dispatch, whatever
+    #: its status ("at most once per period"). ``apply_async(unique_for=...)`` per call.
+    unique_for: float | timedelta | None = None
 
     # ------------------------------------------------------------------ policy
 
@@ -120,8 +129,10 @@ class SupervisedTask(Task):  # type: ignore[misc]
 
         If the broker is down the run stays ``queued`` and the supervisor publishes it later.
         Messages that already carry a run (the supervisor's own publishes) and eager mode go
-        straight to Celery.
+        straight to Celery. A unique dispatch (``unique_key=``, or the task's ``unique_by``) that finds
+        a run holding its key records nothing and returns that run's handle (``result.deduplicated``).
         """
+        given_key, window = options.pop("unique_key", None), options.pop("unique_for", self.unique_for)
         headers = options.get("headers") or {}
         if HEADER_RUN in headers or self.app.conf.task_always_eager:
             return super().apply_async(args, kwargs, task_id, producer, link, link_error, shadow, **options)
@@ -136,12 +147,24 @@ class SupervisedTask(Task):  # type: ignore[misc]
             self.run_policy(),
             options=options,
             countdown=options.get("countdown"),
+            unique_key=self.unique_key_for(args, kwargs, given_key),
+            unique_for=unique.window_seconds(window),
         )
         assert run is not None  # only schedule slots can be refused
         result = self.AsyncResult(run.task_id)
         # Callers need the run to look it up; AsyncResult has no slot for it, so it is attached.
         setattr(result, "run_id", run.pk)  # noqa: B010
+        setattr(result, "deduplicated", run.deduplicated)  # noqa: B010
         return result
+
+    def unique_key_for(self, args: Any = None, kwargs: Any = None, given: str | None = None) -> str | None:
+        """The key a dispatch with these arguments holds (None: not unique): ``given`` (a call's
+        ``unique_key``), else the values of the task's ``unique_by`` arguments, hashed."""
+        if given is not None:
+            return unique.given_key(given)
+        if self.unique_by is None:
+            return None
+        return unique.arguments_key(self.run, self.unique_by, args, kwargs)
 
     # ------------------------------------------------------------------ execution
 

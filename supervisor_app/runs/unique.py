@@ -1,0 +1,133 @@
+"""Unique runs: one run per (task, unique key) holds the key, however many processes dispatch at once.
+
+The guarantee is the partial unique index ``supervisor_run_unique_key`` on ``(task_name, unique_key)``
+over the runs that hold their key (``HOLDS_KEY``): the active ones (queued, running, retrying and any
+other status in ``ACTIVE_STATUSES``), and those dispatched with a ``unique_for`` window. A unique
+dispatch is one ``INSERT … ON CONFLICT (task_name, unique_key) WHERE … DO NOTHING RETURNING id``, as
+cheap as a plain one when it inserts. When nothing comes back, another run holds the key: it is read
+and its id returned; nothing is recorded or published. A concurrent dispatcher whose insert is not yet
+committed makes ours wait for its transaction (PostgreSQL; SQLite has one writer at a time), then
+conflict: one run, whichever process wins.
+
+Two races are closed by looping (at most :data:`ROUNDS` times):
+
+- the run holding the key ends between our conflicting insert and our read: the read finds none,
+  and the insert is tried again (it now records the new run);
+- with ``unique_for``, a run keeps its key after it ends, until its window is over. The first dispatch
+  that conflicts with such a run after its window releases the key (a conditional update: only a run
+  no longer active whose window is over) and inserts again. So the index holds at most one row per
+  key, active runs and open windows, never the history.
+
+The window counts from the holding run's dispatch (its ``unique_until`` is ``now() + unique_for`` on
+the database clock): a dispatch within it returns that run, whatever its status (succeeded, failed,
+cancelled...); the first dispatch after it records a new run, unless the old one is still active.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+from functools import cache
+from typing import Any
+
+from django.db import connections
+from django.db.models import BooleanField, ExpressionWrapper, Q
+from django.db.models.functions import Now
+from django.db.models.sql import InsertQuery, Query
+
+from ..core.ids import first_task_id
+from ..core.states import ACTIVE_STATUSES
+from ..db import after
+from ..models import SupervisedRun
+from ..models.runs import HOLDS_KEY
+
+#: Insert-then-read rounds before giving up; each lost round means the run that held the key ended
+#: (or its window was released) between two of our statements.
+ROUNDS = 5
+
+
+class UniqueKeyContended(RuntimeError):
+    """The key changed hands :data:`ROUNDS` times during one dispatch; nothing was recorded."""
+
+
+def window_values(unique_for: float | None) -> dict[str, Any]:
+    """``unique_until`` of a new run: ``now() + unique_for`` on the database clock (None: no window)."""
+    return {"unique_until": after(timedelta(seconds=unique_for)) if unique_for else None}
+
+
+def insert_or_find(fields: dict[str, Any], using: str) -> tuple[int, bool]:
+    """Insert the run ``fields`` describe (``task_name`` and ``unique_key`` set) unless another run
+    holds its key: ``(new id, True)``, or ``(the holder's id, False)`` with nothing written."""
+    task_name, key = fields["task_name"], fields["unique_key"]
+    for _ in range(ROUNDS):
+        pk = _insert(fields, using)
+        if pk is not None:
+            return pk, True
+        holder = (
+            SupervisedRun.objects.using(using)
+            .filter(HOLDS_KEY, task_name=task_name, unique_key=key)
+            .annotate(window_open=ExpressionWrapper(Q(unique_until__gt=Now()), output_field=BooleanField()))
+            .order_by()
+            .values_list("pk", "status", "window_open")[:1]
+        )
+        found = list(holder)
+        if not found:
+            continue  # it ended between our insert and this read: the key is free
+        pk, status, window_open = found[0]
+        if status in ACTIVE_STATUSES or window_open:
+            return int(pk), False
+        # It ended and its unique_for window is over, but it still holds the key: release it (only
+        # if that is still so) and insert again.
+        SupervisedRun.objects.using(using).filter(pk=pk, unique_until__lte=Now()).exclude(
+            status__in=sorted(ACTIVE_STATUSES)
+        ).update(unique_until=None)
+    raise UniqueKeyContended(
+        f"{task_name}: unique key {key!r} changed hands {ROUNDS} times during one dispatch; nothing recorded"
+    )
+
+
+def holder(pk: int, task_name: str, key: str) -> SupervisedRun:
+    """What a deduplicated dispatch returns: the run holding the key, with the handle its own
+    dispatch returned (attempt 1's task id) and ``deduplicated`` set."""
+    run = SupervisedRun(pk=pk, task_name=task_name, unique_key=key, task_id=first_task_id(pk))
+    run._state.adding = False
+    run.deduplicated = True
+    return run
+
+
+def _insert(fields: dict[str, Any], using: str) -> int | None:
+    conn = connections[using]
+    qn = conn.ops.quote_name
+    meta = SupervisedRun._meta
+    columns = [f for f in meta.local_concrete_fields if f is not meta.pk]
+    query = InsertQuery(SupervisedRun)
+    query.insert_values(columns, [SupervisedRun(**fields)])
+    [(sql, params)] = query.get_compiler(using=using).as_sql()
+    sql += (
+        f" ON CONFLICT ({qn('task_name')}, {qn('unique_key')}) WHERE {_holds_key_sql(conn.vendor, using)}"
+        f" DO NOTHING RETURNING {qn(str(meta.pk.column))}"
+    )
+    with conn.cursor() as cursor:
+        cursor.execute(sql, params)
+        row = cursor.fetchone()
+    return None if row is None else int(row[0])
+
+
+@cache
+def _holds_key_sql(vendor: str, using: str) -> str:
+    """``HOLDS_KEY`` as SQL with its values inline, as the index's own predicate is written.
+
+    The conflict target names the partial index by its columns and predicate; PostgreSQL must prove
+    that predicate from this text when planning, which a bound parameter (server-side binding, a
+    generic plan) would defeat, so the statuses are written as literals (checked to be plain words).
+    """
+    conn = connections[using]
+    query = Query(SupervisedRun, alias_cols=False)
+    where = query.build_where(HOLDS_KEY)
+    sql, params = where.as_sql(query.get_compiler(connection=conn), conn)
+    literals = []
+    for value in params:
+        if not (isinstance(value, str) and re.fullmatch(r"[a-z_]+", value)):
+            raise ValueError(f"unexpected value {value!r} in the unique key predicate")
+        literals.append(f"'{value}'")
+    return str(sql % tuple(literals))
