@@ -24,13 +24,14 @@ from supervisor_app.core.states import MOVES, TERMINAL_STATUSES, TRANSITIONS, Ru
 #: Layout only: where each status is drawn (x, y).
 POSITIONS: dict[str, tuple[float, float]] = {
     RunStatus.QUEUED: (1.0, 3.0),
+    RunStatus.WAITING: (0.9, 1.4),
     RunStatus.RUNNING: (4.0, 3.0),
     RunStatus.RETRYING: (4.0, 5.0),
     RunStatus.SUCCEEDED: (7.4, 4.6),
     RunStatus.FAILED: (7.4, 3.0),
     RunStatus.DEAD: (7.4, 1.4),
     RunStatus.CANCELLED: (5.3, 0.4),
-    RunStatus.MISSED: (1.0, 0.6),
+    RunStatus.MISSED: (2.7, 0.4),
     RunStatus.SKIPPED: (1.0, 5.2),
 }
 

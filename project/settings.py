@@ -177,7 +177,7 @@ CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 # RabbitMQ closes its connection after about this long: its consumer goes away with its prefetched
 # messages, which are requeued. Keep it below the lease timeout, so that the attempt the supervisor
 # publishes after the lease expires can't be handed to the hung worker (system check W002).
-CELERY_BROKER_HEARTBEAT = _env_float("CELERY_BROKER_HEARTBEAT", 20.0)
+CELERY_BROKER_HEARTBEAT = _env_float("CELERY_BROKER_HEARTBEAT", 6.0)
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 # Keep the worker's database connection between tasks (Celery's Django fixup closes it otherwise).
 CELERY_DB_REUSE_MAX = 1000
@@ -186,8 +186,8 @@ CELERY_BEAT_SCHEDULER = "supervisor_app.schedulers:SupervisedScheduler"
 
 
 # ---------------------------------------------------------------- supervisor_app
-SUPERVISOR_HEARTBEAT_INTERVAL = _env_float("SUPERVISOR_HEARTBEAT_INTERVAL", 10.0)
-SUPERVISOR_LEASE_TIMEOUT = _env_float("SUPERVISOR_LEASE_TIMEOUT", 60.0)
+SUPERVISOR_HEARTBEAT_INTERVAL = _env_float("SUPERVISOR_HEARTBEAT_INTERVAL", 5.0)
+SUPERVISOR_LEASE_TIMEOUT = _env_float("SUPERVISOR_LEASE_TIMEOUT", 20.0)
 SUPERVISOR_SWEEP_INTERVAL = _env_float("SUPERVISOR_SWEEP_INTERVAL", 5.0)
 SUPERVISOR_MAX_ATTEMPTS = int(os.environ.get("SUPERVISOR_MAX_ATTEMPTS", "3"))
 SUPERVISOR_BACKOFF = _env_float("SUPERVISOR_BACKOFF", 2.0)

@@ -134,3 +134,17 @@ def plain_sleep_late(seconds: float, label: str) -> None:
     """Plain Celery baseline with the usual hardening: ack after execution, requeue on a lost worker."""
     time.sleep(seconds)
     _record_plain(label)
+
+
+@shared_task(base=SupervisedTask, bind=True, concurrency_limit=2)
+def limited_job(self: SupervisedTask, seconds: float = 0.5, label: str = "") -> None:
+    """At most two run at once across every worker (``concurrency_limit``); the others wait."""
+    time.sleep(seconds)
+    _record(self, label)
+
+
+@shared_task(base=SupervisedTask, bind=True, concurrency_limit=1, concurrency_by=("customer",))
+def per_customer_job(self: SupervisedTask, customer: int, seconds: float = 0.5, label: str = "") -> None:
+    """One run at a time per customer (``concurrency_by``); different customers run side by side."""
+    time.sleep(seconds)
+    _record(self, label)

@@ -33,15 +33,18 @@ SETTINGS: dict[str, Setting] = {
     for s in [
         Setting(
             "HEARTBEAT_INTERVAL",
-            10.0,
+            5.0,
             "Seconds between two lease renewals by a worker process.",
             duration=True,
         ),
         Setting(
             "LEASE_TIMEOUT",
-            60.0,
-            "Seconds a lease lasts after a renewal. A run whose lease is older is considered lost. "
-            "Must be larger than the heartbeat interval (at least 2x is advised).",
+            20.0,
+            "Seconds a lease lasts after a renewal. A run whose lease is older is considered lost, so "
+            "a killed worker's run starts again within about this plus the sweep interval (25 s by "
+            "default). Must be larger than the heartbeat interval (at least 3x is advised): measured "
+            "under CPU saturation, connections cut every 15 s and a 2 s pause of the whole worker, "
+            "renewals came at most 10.0 s apart (`bench/renewal_jitter.py`).",
             duration=True,
         ),
         Setting(

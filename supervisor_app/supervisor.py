@@ -31,7 +31,7 @@ from .models import ProcessHeartbeat, SupervisedRun
 from .models.querysets import RunQuerySet
 from .ops.isolation import SweepErrors, isolated
 from .ops.liveness import process_name, prune_phase, record_liveness
-from .runs import recovery
+from .runs import concurrency, recovery
 from .runs.publishing import RunPublisher
 from .scheduling.sweep import sweep_schedules
 
@@ -115,6 +115,25 @@ def _unstarted(batch: list[SupervisedRun], publisher: RunPublisher, report: Swee
             report.dead += 1
 
 
+def _slots(report: SweepReport, deadline: float) -> None:
+    """Runs waiting for a slot of a concurrency limit, released into the free slots, key by key.
+
+    Each finish of a limited run does this for its own key; this catches a slot freed by recovery
+    (a killed worker's run) and a release lost with its process."""
+    released = 0
+    with RunPublisher() as publisher:
+        for key in concurrency.waiting_keys():
+            if time.monotonic() > deadline:
+                report.truncated = True
+                break
+            count = 0
+            with isolated(report.errors, "slots", f"concurrency key {key}"):
+                count = concurrency.release_waiters(key, publisher)
+            released += count
+    if released:
+        report.extra["released_waiters"] = released
+
+
 def _stale_with_lag(qs: RunQuerySet) -> RunQuerySet:
     # How late the detection is, measured by the database clock: feeds the latency histogram.
     return qs.stale().annotate(lag=ExpressionWrapper(Now() - F("lease_expires_at"), output_field=DurationField()))
@@ -143,6 +162,7 @@ PHASES: tuple[RunPhase | Phase, ...] = (
     RunPhase("overdue", RunQuerySet.overdue, _overdue),
     RunPhase("retries", RunQuerySet.due_retries, _retry),
     RunPhase("unstarted", RunQuerySet.unstarted, _unstarted),
+    Phase("slots", _slots),
     Phase("schedules", sweep_schedules),
     Phase("process rows", prune_phase),
     Phase("alert digests", digest_phase),

@@ -18,6 +18,9 @@ class RunStatus(models.TextChoices):
 
     #: Recorded and published (or waiting to be); no agent holds it.
     QUEUED = "queued", "queued"
+    #: Delivered while every slot of its task's concurrency limit was taken: it waits in the
+    #: database, holding no worker, and is published again when a slot frees.
+    WAITING = "waiting", "waiting for a slot"
     #: An agent claimed the current attempt and holds its lease.
     RUNNING = "running", "running"
     #: The last attempt failed with a retryable error; the next one is due at ``next_check_at``.
@@ -49,7 +52,9 @@ TERMINAL_STATUSES: frozenset[str] = frozenset(
 )
 
 #: Statuses the supervisor watches. Partial indexes cover exactly these rows.
-ACTIVE_STATUSES: frozenset[str] = frozenset({RunStatus.QUEUED, RunStatus.RUNNING, RunStatus.RETRYING})
+ACTIVE_STATUSES: frozenset[str] = frozenset(
+    {RunStatus.QUEUED, RunStatus.WAITING, RunStatus.RUNNING, RunStatus.RETRYING}
+)
 
 #: Terminal statuses an operator should look at: the run did not do its work. ``mark_resolved``
 #: acknowledges them; the admin's incident views and partial index cover exactly these rows.
@@ -113,10 +118,14 @@ def _move(name: str, sources: set[str] | str, target: str, by: str, label: str =
     return Move(name, frozenset({sources} if isinstance(sources, str) else sources), target, by, label)
 
 
-Q, R, T = RunStatus.QUEUED, RunStatus.RUNNING, RunStatus.RETRYING
+Q, R, T, W = RunStatus.QUEUED, RunStatus.RUNNING, RunStatus.RETRYING, RunStatus.WAITING
 
 #: An agent won the delivery of the current attempt.
 CLAIM = _move("claim", Q, R, "agent", "claimed")
+#: Delivered while every slot of its concurrency limit was taken: it waits, holding no worker.
+WAIT_FOR_SLOT = _move("wait_for_slot", Q, W, "agent", "concurrency limit\nreached")
+#: A slot of its concurrency limit freed (a run of the key ended, or was recovered): published again.
+RELEASE_WAITER = _move("release_waiter", W, Q, "supervisor", "slot freed")
 #: The body returned.
 SUCCEED = _move("succeed", R, RunStatus.SUCCEEDED, "agent", "completed")
 #: A non-retryable error.
@@ -140,7 +149,7 @@ REPUBLISH = _move("republish", Q, Q, "supervisor", "republished")
 #: A cancel that reached a run waiting out its backoff.
 CANCEL_RETRYING = _move("cancel_retrying", T, RunStatus.CANCELLED, "supervisor", "")
 #: An operator cancelled a run no agent holds.
-CANCEL_WAITING = _move("cancel_waiting", {Q, T}, RunStatus.CANCELLED, "operator")
+CANCEL_WAITING = _move("cancel_waiting", {Q, T, W}, RunStatus.CANCELLED, "operator")
 #: A scheduled run not started inside its start window.
 EXPIRE_UNSTARTED = _move("expire_unstarted", Q, RunStatus.MISSED, "scheduler", "start window over")
 #: A ``queue_one`` run, held while its schedule had an active run, is published.
@@ -157,6 +166,8 @@ REOPEN = _move("reopen", {s.value for s in RunStatus} - {R}, Q, "operator", "ret
 #: Every status change the package makes.
 MOVES: tuple[Move, ...] = (
     CLAIM,
+    WAIT_FOR_SLOT,
+    RELEASE_WAITER,
     SUCCEED,
     FAIL,
     RETRY_LATER,
@@ -232,7 +243,7 @@ LIVENESS: tuple[Watch, ...] = (
     Watch(
         RunStatus.RUNNING,
         "deadline_at",
-        "max runtime or cancel grace passed: revoked, then retried or `cancelled`",
+        "max runtime or cancel grace passed: its agent stops the body, then retried or `cancelled`",
         "`dead` after `max_attempts`",
     ),
     Watch(
@@ -255,5 +266,12 @@ LIVENESS: tuple[Watch, ...] = (
         "next_check_at IS NULL",
         "`queue_one` run held behind its schedule's active run: released when that run ends",
         "waits for that run (health reports it held); `cancelled` if the schedule is deleted or disabled",
+    ),
+    Watch(
+        RunStatus.WAITING,
+        "concurrency_key",
+        "a slot of its concurrency limit is free (a run of the key ended or was recovered): published again",
+        "waits while the limit's slots are taken, each by a running run bounded by its lease and max runtime "
+        "(health reports it waiting)",
     ),
 )

@@ -55,6 +55,13 @@ class SupervisedRun(models.Model):
     #: unique per claim, so two agents that both claimed one attempt number (a claim forgotten by a
     #: database crash under asynchronous commit, then the attempt published again) never share a lease.
     lease_token = models.UUIDField(null=True, blank=True, editable=False)
+    #: A task's ``concurrency_limit``: the runs that share a key (the task, or the task and the
+    #: arguments named by ``concurrency_by``), the limit, and the slot a running run holds. Set by the
+    #: agent at its claim (or when the run waits for a slot); the constraint below keeps a slot to one
+    #: running run, whatever the number of workers.
+    concurrency_key = models.CharField(max_length=200, blank=True, default="")
+    concurrency_limit = models.PositiveIntegerField(null=True, blank=True)
+    concurrency_slot = models.PositiveIntegerField(null=True, blank=True)
     heartbeat_at = models.DateTimeField(null=True, blank=True)
     lease_expires_at = models.DateTimeField(null=True, blank=True)
     lease_timeout = models.DurationField(help_text="Lease length granted at claim and renewal.")
@@ -105,6 +112,12 @@ class SupervisedRun(models.Model):
             models.UniqueConstraint(
                 fields=["task_name", "unique_key"], condition=HOLDS_KEY, name="supervisor_run_unique_key"
             ),
+            # A concurrency limit: slot n of a key is held by at most one running run.
+            models.UniqueConstraint(
+                fields=["concurrency_key", "concurrency_slot"],
+                condition=Q(status=RunStatus.RUNNING, concurrency_slot__isnull=False),
+                name="supervisor_run_one_per_slot",
+            ),
             check_constraint(Q(attempt__gte=1), "supervisor_run_attempt_gte_1"),
             check_constraint(Q(status__in=[s.value for s in RunStatus]), "supervisor_run_status_valid"),
         ]
@@ -120,6 +133,12 @@ class SupervisedRun(models.Model):
                 fields=["next_check_at"],
                 condition=Q(status__in=[RunStatus.QUEUED, RunStatus.RETRYING]),
                 name="supervisor_run_next_check",
+            ),
+            # Runs waiting for a slot, by key, oldest first (the sweep and each finish release them).
+            models.Index(
+                fields=["concurrency_key", "created_at"],
+                condition=Q(status=RunStatus.WAITING),
+                name="supervisor_run_waiting",
             ),
             models.Index(
                 fields=["deadline_at"],

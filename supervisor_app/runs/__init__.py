@@ -16,6 +16,7 @@ times come from the database (``Now()``), never from the caller.
 """
 
 from ..core.policies import RunPolicy
+from .concurrency import release_waiters, wait_for_slot, waiting_keys
 from .dispatch import SlotRun, check_json, create_run, create_slot_runs
 from .leases import (
     Claim,
@@ -55,10 +56,13 @@ __all__ = [
     "publish_by_id",
     "record_fenced",
     "recover_lost_batch",
+    "release_waiters",
     "renew_leases",
     "republish",
     "request_cancel",
     "retry_now",
     "schedule_backoff",
     "time_out",
+    "wait_for_slot",
+    "waiting_keys",
 ]

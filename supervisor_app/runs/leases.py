@@ -24,7 +24,7 @@ from datetime import timedelta
 from functools import reduce
 from typing import Any
 
-from django.db import connections, router, transaction
+from django.db import IntegrityError, connections, router, transaction
 from django.db.models import Case, DateTimeField, F, Q, When
 from django.db.models.functions import Now
 
@@ -58,14 +58,14 @@ class LeaseState:
 
 
 _CLAIM_PG = """
-WITH claimed AS (
+WITH {free}claimed AS (
     UPDATE {run} SET status = %(target)s, worker = %(worker)s, started_at = now(), heartbeat_at = now(),
         lease_expires_at = now() + lease_timeout,
         deadline_at = CASE WHEN max_runtime IS NULL THEN NULL ELSE now() + max_runtime END,
         next_check_at = NULL, finished_at = NULL,
-        task_id = COALESCE(NULLIF(%(task_id)s::text, ''), task_id), lease_token = %(token)s::uuid
+        task_id = COALESCE(NULLIF(%(task_id)s::text, ''), task_id), lease_token = %(token)s::uuid{slot_set}
     WHERE id = %(run_id)s AND attempt = %(attempt)s
-        AND (status = %(source)s OR (status = %(target)s AND lease_token = %(token)s::uuid)){async_commit}
+        AND (status = %(source)s{slot_free} OR (status = %(target)s AND lease_token = %(token)s::uuid)){async_commit}
     RETURNING id, attempt, max_attempts, lease_timeout, checkpoint
 ), started AS (
     INSERT INTO {attempt} (run_id, number, task_id, worker, outcome, created_at, started_at, error, traceback)
@@ -75,6 +75,25 @@ WITH claimed AS (
 )
 SELECT max_attempts, lease_timeout, checkpoint::text FROM claimed
 """
+
+#: A task's concurrency limit: the claim also takes the lowest free slot of the key, and is refused
+#: when none is free. Two claims that pick the same slot at once collide on the unique constraint
+#: ``supervisor_run_one_per_slot``: the second fails and retries (see :func:`claim`). A claim
+#: retried by the same delivery keeps its slot.
+_LIMITED = {
+    "free": """free AS (
+    SELECT s.n FROM generate_series(0, %(limit)s::integer - 1) AS s(n)
+    WHERE NOT EXISTS (
+        SELECT 1 FROM {run} AS o
+        WHERE o.concurrency_key = %(ckey)s AND o.status = %(target)s AND o.concurrency_slot = s.n
+    )
+    LIMIT 1
+), """,
+    "slot_set": """, concurrency_key = %(ckey)s, concurrency_limit = %(limit)s,
+        concurrency_slot = CASE WHEN status = %(target)s THEN concurrency_slot ELSE (SELECT n FROM free) END""",
+    "slot_free": " AND EXISTS (SELECT 1 FROM free)",
+}
+_UNLIMITED = {"free": "", "slot_set": "", "slot_free": ""}
 
 _SUCCEED_PG = """
 WITH finished AS (
@@ -103,7 +122,7 @@ def _using() -> str:
     return router.db_for_write(SupervisedRun)
 
 
-def _sql(template: str, conn: Any) -> str:
+def _sql(template: str, conn: Any, **parts: str) -> str:
     """An agent statement, without waiting for its WAL flush when ``SUPERVISOR_ASYNC_AGENT_COMMIT`` allows.
 
     Safe because every agent write is recoverable: if PostgreSQL crashes and forgets the last
@@ -112,19 +131,29 @@ def _sql(template: str, conn: Any) -> str:
     (recovered). Dispatch never does this: a recorded run must survive a crash.
     """
     enabled = bool(supervisor_settings.raw("ASYNC_AGENT_COMMIT"))
-    return template.format(
-        run=conn.ops.quote_name(SupervisedRun._meta.db_table),
-        attempt=conn.ops.quote_name(RunAttempt._meta.db_table),
-        async_commit=ASYNC_COMMIT_CONDITION if enabled else "",
-    )
+    names = {
+        "run": conn.ops.quote_name(SupervisedRun._meta.db_table),
+        "attempt": conn.ops.quote_name(RunAttempt._meta.db_table),
+    }
+    parts = {key: value.format(**names) for key, value in parts.items()}
+    return template.format(**names, **parts, async_commit=ASYNC_COMMIT_CONDITION if enabled else "")
 
 
 def _token(token: str | uuid.UUID | None) -> str | None:
     return None if token is None else str(token)
 
 
-def claim(run_id: int, attempt: int, worker: str, task_id: str = "", token: str | None = None) -> Claim | None:
-    """queued → running for attempt ``attempt``; None when another delivery or attempt has it.
+def claim(
+    run_id: int,
+    attempt: int,
+    worker: str,
+    task_id: str = "",
+    token: str | None = None,
+    limit: tuple[str, int] | None = None,
+) -> Claim | None:
+    """queued → running for attempt ``attempt``; None when another delivery or attempt has it, or
+    when ``limit`` (a concurrency key and its limit) has no free slot (:func:`~.concurrency.wait_for_slot`
+    then tells which).
 
     ``token`` (drawn here when not given) fences every later write of this claim. Retrying with the
     same token is idempotent: a claim whose reply was lost (the connection dropped after the commit)
@@ -134,9 +163,26 @@ def claim(run_id: int, attempt: int, worker: str, task_id: str = "", token: str 
     transaction.
     """
     token = token or str(uuid.uuid4())
+    if limit is None:
+        return _claim(run_id, attempt, worker, task_id, token, None)
+    for _ in range(limit[1] + 2):
+        # Two claims that took the same free slot at once: the later one fails on the slot's unique
+        # constraint, wrote nothing, and looks again (another slot, or none left).
+        try:
+            return _claim(run_id, attempt, worker, task_id, token, limit)
+        except IntegrityError:
+            continue
+    return None
+
+
+def _claim(
+    run_id: int, attempt: int, worker: str, task_id: str, token: str, limit: tuple[str, int] | None
+) -> Claim | None:
     conn = single_statement_connection(_using())
     if conn is not None:
         params = {
+            "ckey": limit[0] if limit else "",
+            "limit": limit[1] if limit else 0,
             "token": token,
             "run_id": run_id,
             "attempt": attempt,
@@ -147,7 +193,7 @@ def claim(run_id: int, attempt: int, worker: str, task_id: str = "", token: str 
             "outcome": AttemptOutcome.RUNNING.value,
         }
         with conn.cursor() as cursor:
-            cursor.execute(_sql(_CLAIM_PG, conn), params)
+            cursor.execute(_sql(_CLAIM_PG, conn, **(_LIMITED if limit else _UNLIMITED)), params)
             row = cursor.fetchone()
         if row is None:
             return None
@@ -174,16 +220,34 @@ def claim(run_id: int, attempt: int, worker: str, task_id: str = "", token: str 
         Q(status=CLAIM.source) | Q(status=CLAIM.target, lease_token=token), pk=run_id, attempt=attempt
     )
     with transaction.atomic():
+        held = claimable.filter(status=CLAIM.target).exists()  # the same delivery, retrying its claim
+        if limit is not None:
+            slot = None if held else _free_slot(*limit)
+            if not held and slot is None:
+                return None
+            values.update(concurrency_key=limit[0], concurrency_limit=limit[1])
+            if slot is not None:
+                values["concurrency_slot"] = slot
         claimed = update_returning(claimable, ["max_attempts", "lease_timeout", "checkpoint"], **values)
         if not claimed:
             return None
         started = dict(worker=worker[:255], task_id=task_id[:255], outcome=AttemptOutcome.RUNNING, started_at=Now())
-        # Attempt 1 has no row yet (dispatch stays one statement); later attempts got a pending row
-        # when the supervisor or an operator queued them.
-        if attempt == 1 or not RunAttempt.objects.filter(run_id=run_id, number=attempt).update(**started):
+        # Attempt 1 has no row yet, unless this claim is retried or a forgotten claim made it; later
+        # attempts got a pending row when the supervisor or an operator queued them.
+        if not RunAttempt.objects.filter(run_id=run_id, number=attempt).update(**started):
             RunAttempt.objects.create(run_id=run_id, number=attempt, **started)
     row = claimed[0]
     return Claim(run_id, attempt, row["max_attempts"], row["lease_timeout"].total_seconds(), row["checkpoint"], token)
+
+
+def _free_slot(key: str, limit: int) -> int | None:
+    """The lowest slot of ``key`` no running run holds (the unique constraint settles any race)."""
+    taken = set(
+        SupervisedRun.objects.filter(
+            concurrency_key=key, status=RunStatus.RUNNING, concurrency_slot__isnull=False
+        ).values_list("concurrency_slot", flat=True)
+    )
+    return next((n for n in range(limit) if n not in taken), None)
 
 
 def renew_leases(

@@ -22,6 +22,7 @@ from django.db import DEFAULT_DB_ALIAS, InterfaceError, OperationalError, connec
 from .. import runs
 from ..conf import supervisor_settings
 from ..core.errors import LeaseLost, RunCancelled
+from ..core.keys import ArgumentKeyError, digest, key_arguments
 from ..core.retry import FailureDecision, RetryPolicy, decide_failure
 from ..db import bound_agent_sockets, cut_socket, drop_broken_connection
 from . import interrupt, started
@@ -133,14 +134,26 @@ def execute(task: SupervisedTask, run_id: int, attempt: int, args: tuple[Any, ..
     # One token for this delivery's claim, kept across its retries: a claim whose reply was lost is
     # granted again to this very delivery, and refused to any other.
     token = str(uuid.uuid4())
+    limit = concurrency_limit(task, args, kwargs)
     try:
         # Retrying a claim is safe (it is conditional) and costs nothing once the supervisor has
         # published the attempt again: the second delivery finds it claimed and is dropped.
-        won = ride_out(
-            lambda: runs.claim(run_id, attempt, worker, task_id, token=token),
-            since + lease_timeout,
-            f"run {run_id} attempt {attempt} claim",
-        )
+        def claim() -> runs.Claim | None:
+            return runs.claim(run_id, attempt, worker, task_id, token=token, limit=limit)
+
+        won = ride_out(claim, since + lease_timeout, f"run {run_id} attempt {attempt} claim")
+        for _ in range(3):
+            if won is not None or limit is None:
+                break
+            state = ride_out(
+                lambda: runs.wait_for_slot(run_id, attempt, *limit), since + lease_timeout, f"run {run_id} wait"
+            )
+            if state == "waiting":
+                logger.info("run %s: every slot of its concurrency limit is taken; it waits for one", run_id)
+                raise Ignore()
+            if state == "gone":
+                break
+            won = ride_out(claim, since + lease_timeout, f"run {run_id} attempt {attempt} claim")
     except UNAVAILABLE as exc:
         # Nothing was claimed, so the attempt is still `queued` in the database: the supervisor
         # publishes it again once its start timeout passes. Requeueing the message instead would
@@ -158,6 +171,47 @@ def execute(task: SupervisedTask, run_id: int, attempt: int, args: tuple[Any, ..
         raise Ignore()
     # Only the delivery that won the claim tells the result backend it started (never a duplicate).
     started.store_started(task, worker)
+    try:
+        return _run(task, won, worker, since, args, kwargs)
+    finally:
+        if limit is not None:
+            hand_on_slot(limit[0])
+
+
+def concurrency_limit(task: SupervisedTask, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[str, int] | None:
+    """The run's concurrency key and limit, or None when the task has no limit."""
+    limit = task.concurrency_limit
+    if not limit:
+        return None
+    spec = task.concurrency_by
+    if spec is None:
+        return task.name[:200], int(limit)
+    try:
+        values = key_arguments(task.run, spec, args, kwargs)
+    except ArgumentKeyError as exc:
+        # The body will fail on the same arguments; don't let the limit hide the real error.
+        logger.error("run of %s: concurrency_by %r can't be read from the call (%s); not limited", task.name, spec, exc)
+        return None
+    return digest(task.name, values), int(limit)
+
+
+def hand_on_slot(key: str) -> None:
+    """The run held a slot: give it to the oldest run waiting for one (the sweep does it otherwise)."""
+    try:
+        with runs.RunPublisher() as publisher:
+            runs.release_waiters(key, publisher)
+    except Exception as exc:
+        drop_broken_connection()
+        logger.warning("slot of %s not handed on (%s); the supervisor's sweep will", key, type(exc).__name__)
+
+
+def _run(
+    task: SupervisedTask, won: runs.Claim, worker: str, since: float, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:
+    """The body of a claimed attempt, its lease kept, then its fenced finish."""
+    from celery.exceptions import Ignore
+
+    run_id, attempt, token, request = won.run_id, won.attempt, won.token, task.request
     # The request context is per task execution (and per thread with the threads pool).
     setattr(request, "supervisor_checkpoint", won.checkpoint)  # noqa: B010
     stop, hard_stop = interrupt.stopper((run_id, attempt))

@@ -82,6 +82,12 @@ class SupervisedTask(Task):  # type: ignore[misc]
     #: Seconds (or a timedelta): a unique run holds its key that long after its dispatch, whatever
     #: its status ("at most once per period"). ``apply_async(unique_for=...)`` per call.
     unique_for: float | timedelta | None = None
+    #: At most this many runs of the task execute at once, across every worker (None: no limit).
+    #: The others wait in the database (status ``waiting``), holding no worker, and start as slots free.
+    concurrency_limit: int | None = None
+    #: The limit applies per key: the names of the arguments that make it (``("customer",)``), or
+    #: ``"args"`` for all of them. None: one limit for the whole task.
+    concurrency_by: str | tuple[str, ...] | None = None
 
     # ------------------------------------------------------------------ policy
 

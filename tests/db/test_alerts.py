@@ -425,7 +425,7 @@ def test_the_sweep_phases_are_one_static_list_with_the_digests_last() -> None:
     from supervisor_app import supervisor
 
     assert [p.name for p in supervisor.PHASES] == [
-        "lost", "overdue", "retries", "unstarted", "schedules", "process rows", "alert digests",
+        "lost", "overdue", "retries", "unstarted", "slots", "schedules", "process rows", "alert digests",
     ]  # fmt: skip
     assert isinstance(supervisor.PHASES, tuple)  # nothing can append itself to it
     last = supervisor.PHASES[-1]

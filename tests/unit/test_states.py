@@ -20,7 +20,8 @@ from supervisor_app.core.states import (
 
 def test_status_values_are_the_designed_strings() -> None:
     assert [s.value for s in RunStatus] == [
-        "queued", "running", "retrying", "succeeded", "failed", "dead", "cancelled", "missed", "skipped",
+        "queued", "waiting", "running", "retrying", "succeeded", "failed", "dead", "cancelled", "missed",
+        "skipped",
     ]  # fmt: skip
 
 
