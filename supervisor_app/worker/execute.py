@@ -22,8 +22,8 @@ from django.db import DEFAULT_DB_ALIAS, InterfaceError, OperationalError, connec
 from .. import runs
 from ..conf import supervisor_settings
 from ..core.errors import LeaseLost, RunCancelled
-from ..core.keys import ArgumentKeyError, digest, key_arguments
 from ..core.retry import FailureDecision, RetryPolicy, decide_failure
+from ..core.unique import UniqueKeyError, arguments_key
 from ..db import bound_agent_sockets, cut_socket, drop_broken_connection
 from . import interrupt, started
 from .lease_keeper import Lease, lease_keeper
@@ -187,12 +187,13 @@ def concurrency_limit(task: SupervisedTask, args: tuple[Any, ...], kwargs: dict[
     if spec is None:
         return task.name[:200], int(limit)
     try:
-        values = key_arguments(task.run, spec, args, kwargs)
-    except ArgumentKeyError as exc:
+        # The same key as unique runs use: the named arguments' canonical JSON, hashed.
+        key = arguments_key(task.run, spec, args, kwargs)
+    except UniqueKeyError as exc:
         # The body will fail on the same arguments; don't let the limit hide the real error.
         logger.error("run of %s: concurrency_by %r can't be read from the call (%s); not limited", task.name, spec, exc)
         return None
-    return digest(task.name, values), int(limit)
+    return f"{task.name[:120]}:{key}", int(limit)
 
 
 def hand_on_slot(key: str) -> None:

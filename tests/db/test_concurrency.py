@@ -8,8 +8,8 @@ import pytest
 
 from project.tasks import limited_job, per_customer_job
 from supervisor_app import runs
-from supervisor_app.core.keys import ArgumentKeyError, digest, key_arguments
 from supervisor_app.core.states import RunStatus
+from supervisor_app.core.unique import arguments_key
 from supervisor_app.models import SupervisedRun
 from supervisor_app.supervisor import run_sweep
 from supervisor_app.worker.execute import concurrency_limit
@@ -76,13 +76,12 @@ def test_a_waiting_run_can_be_cancelled(queued: Any) -> None:
     assert runs.request_cancel(b) == RunStatus.CANCELLED
 
 
-def test_keys_come_from_the_named_arguments_by_position_or_keyword() -> None:
-    by_position = key_arguments(per_customer_job.run, ("customer",), (7, 0.1), {})
-    by_keyword = key_arguments(per_customer_job.run, ("customer",), (), {"customer": 7, "seconds": 3})
-    assert by_position == by_keyword == [7]
-    assert digest("t", by_position) == digest("t", by_keyword) != digest("t", [8])
-    assert len(digest("x" * 300, [{"b": 1, "a": [1, 2]}])) <= 200
-    with pytest.raises(ArgumentKeyError):
-        key_arguments(per_customer_job.run, ("customer",), (), {})
-    assert concurrency_limit(per_customer_job, (7,), {}) == (digest(per_customer_job.name, [7]), 1)
+def test_a_limit_per_key_uses_the_named_arguments_by_position_or_keyword() -> None:
+    name = per_customer_job.name
+    by_position = concurrency_limit(per_customer_job, (7, 0.1), {})
+    by_keyword = concurrency_limit(per_customer_job, (), {"customer": 7, "seconds": 3})
+    assert by_position == by_keyword == (f"{name}:{arguments_key(per_customer_job.run, ('customer',), (7,), {})}", 1)
+    assert concurrency_limit(per_customer_job, (8,), {}) != by_position
+    assert len(by_position[0]) <= 200  # type: ignore[index]
+    assert concurrency_limit(per_customer_job, (), {}) is None  # the call lacks the argument: not limited
     assert concurrency_limit(limited_job, (), {}) == ("project.tasks.limited_job", 2)
