@@ -211,6 +211,7 @@ class SupervisedRunAdmin(admin.ModelAdmin):
                     "worker",
                     "task_id",
                     "unique",
+                    "concurrency",
                     "adopted_from",
                     "cancel_requested",
                     "last_error_text",
@@ -247,6 +248,7 @@ class SupervisedRunAdmin(admin.ModelAdmin):
         "worker",
         "task_id",
         "unique",
+        "concurrency",
         "adopted_from",
         "cancel_requested",
         "last_error_text",
@@ -354,6 +356,22 @@ class SupervisedRunAdmin(admin.ModelAdmin):
             return format_html("{} <small>({})</small>", obj.unique_key, _("held while the run is active"))
         return format_html(
             "{} <small>({} {})</small>", obj.unique_key, _("held while the run is active, and until"), obj.unique_until
+        )
+
+    @admin.display(description=_("concurrency limit"))
+    def concurrency(self, obj: SupervisedRun) -> str:
+        """The task's concurrency limit as this run met it: its key, the limit, and its slot or its wait."""
+        if not obj.concurrency_key:
+            return "—"
+        where: str
+        if obj.status == RunStatus.WAITING:
+            where = str(_("waiting for a slot since its delivery"))
+        elif obj.status == RunStatus.RUNNING and obj.concurrency_slot is not None:
+            where = str(_("holds slot %(slot)s")) % {"slot": obj.concurrency_slot + 1}
+        else:
+            where = str(_("held a slot"))
+        return format_html(
+            "{} <small>({}: {}; {})</small>", obj.concurrency_key, _("limit"), obj.concurrency_limit, where
         )
 
     @admin.display(description=_("adopted from message"))

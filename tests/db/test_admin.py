@@ -455,3 +455,12 @@ def test_schedule_changelist_still_works(admin_client: Client) -> None:
     schedule()
     assert admin_client.get(reverse("admin:django_celery_beat_periodictask_changelist")).status_code == 200
     assert admin_client.get(reverse("admin:django_celery_beat_periodictask_add")).status_code == 200
+
+
+def test_a_run_waiting_for_a_concurrency_slot_shows_its_key_and_limit(admin_client: Client) -> None:
+    run = make_run(RunStatus.WAITING)
+    SupervisedRun.objects.filter(pk=run.pk).update(concurrency_key="project.tasks.limited_job", concurrency_limit=2)
+    html = admin_client.get(reverse("admin:supervisor_app_supervisedrun_change", args=[run.pk])).content.decode()
+    assert "project.tasks.limited_job" in html and "limit: 2; waiting for a slot" in html
+    listing = admin_client.get(reverse("admin:supervisor_app_supervisedrun_changelist") + "?status=waiting")
+    assert listing.status_code == 200 and "waiting for a slot" in listing.content.decode()
