@@ -85,3 +85,6 @@ chaos: $(STAMP)
 	@echo "== 1,000 sweeps that publish: pools and connections flat"
 	DATABASE_URL=$(TEST_DATABASE_URL) CELERY_BROKER_URL=$(TEST_BROKER_URL) CELERY_TASK_DEFAULT_QUEUE=supervisor-hygiene \
 		HYGIENE_SWEEPS=1000 $(BIN)/python -m pytest tests/integration/test_hygiene.py -q $(PYTEST_ARGS)
+	@echo "== random interleavings of dispatch, claim, finish, kill, sweep, cancel, retry and schedule edits (Hypothesis, long profile)"
+	DATABASE_URL=$(TEST_DATABASE_URL) CELERY_BROKER_URL=$(TEST_BROKER_URL) HYPOTHESIS_PROFILE=chaos \
+		$(BIN)/python -m pytest tests/db/test_properties.py -q $(PYTEST_ARGS)
