@@ -135,10 +135,14 @@ def execute(task: SupervisedTask, run_id: int, attempt: int, args: tuple[Any, ..
     # granted again to this very delivery, and refused to any other.
     token = str(uuid.uuid4())
     limit = concurrency_limit(task, args, kwargs)
+    sent = [since]
     try:
         # Retrying a claim is safe (it is conditional) and costs nothing once the supervisor has
         # published the attempt again: the second delivery finds it claimed and is dropped.
         def claim() -> runs.Claim | None:
+            # The lease the claim grants runs from the database's now(), after this: measured from
+            # the last statement sent (not from before its retries), the local bound stays true.
+            sent[0] = time.monotonic()
             return runs.claim(run_id, attempt, worker, task_id, token=token, limit=limit)
 
         won = ride_out(claim, since + lease_timeout, f"run {run_id} attempt {attempt} claim")
@@ -172,7 +176,7 @@ def execute(task: SupervisedTask, run_id: int, attempt: int, args: tuple[Any, ..
     # Only the delivery that won the claim tells the result backend it started (never a duplicate).
     started.store_started(task, worker)
     try:
-        return _run(task, won, worker, since, args, kwargs)
+        return _run(task, won, worker, sent[0], args, kwargs)
     finally:
         if limit is not None:
             hand_on_slot(limit[0])
@@ -266,7 +270,7 @@ def _run(
         finish(lease, fail, run_id, attempt)
         raise
     lease = lease_keeper.unregister(run_id, attempt)
-    finish(lease, lambda: runs.finish_success(run_id, attempt, worker, token), run_id, attempt)
+    finish(lease, lambda: runs.finish_success(run_id, attempt, worker, token), run_id, attempt, completed=True)
     return result
 
 
@@ -287,7 +291,9 @@ def _body_socket_cutter() -> Callable[[], None]:
     return cut
 
 
-def finish(lease: Lease | None, write: Callable[[], object], run_id: int, attempt: int) -> None:
+def finish(
+    lease: Lease | None, write: Callable[[], object], run_id: int, attempt: int, completed: bool = False
+) -> None:
     """The attempt's final write, retried through a database outage while the lease surely holds.
 
     If the outage outlasts the lease, the outcome is dropped with a warning: the attempt is still
@@ -295,11 +301,14 @@ def finish(lease: Lease | None, write: Callable[[], object], run_id: int, attemp
     """
     from celery.exceptions import Ignore
 
-    if lease is not None and lease.unprovable:
-        # Self-fenced: the supervisor may have handed the run on already. Writing anything now, even
-        # if the database is back, could only race the next agent's claim.
+    if lease is not None and lease.unprovable and not completed:
+        # Self-fenced and stopped: the supervisor may have handed the run on already, and this body
+        # did not finish its work. Nothing is recorded; the run is recovered from the database.
         logger.warning("run %s attempt %s: self-fenced, nothing recorded; the supervisor recovers it", run_id, attempt)
         raise Ignore()
+    # A body that completed although its lease could not be confirmed (a slow database, not a
+    # partition) is still recorded once, if the database confirms the claim: the write is fenced by
+    # the claim's token, so it can't win once the run was handed on.
     until = lease.held_until if lease is not None else time.monotonic()
     try:
         ride_out(write, until, f"run {run_id} attempt {attempt} finish")

@@ -203,9 +203,12 @@ class LeaseKeeper:
         return max(0.01, nearest - time.monotonic())
 
     def _stuck_after(self) -> float:
+        # A renewal outstanding for a whole lease can't save any lease any more (the bodies are
+        # self-fenced by then): only then is its socket cut, so the next renewal starts afresh. Not
+        # sooner: under load a slow renewal is still worth its answer, and a cut costs a reconnect.
         with self._lock:
             timeouts = [lease.lease_timeout for lease in self._leases.values()]
-        return max(1.0, min(timeouts, default=60.0) / 4)
+        return max(1.0, min(timeouts, default=60.0))
 
     def _unstick(self, now: float) -> None:
         """The renewal in flight is taking too long: cut its socket (a partition blackholes packets,
