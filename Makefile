@@ -82,9 +82,10 @@ chaos: $(STAMP)
 		CHAOS_SEED=$$seed CELERY_TASK_DEFAULT_QUEUE=supervisor-chaos-quorum CELERY_TASK_DEFAULT_QUEUE_TYPE=quorum \
 			$(BIN)/python -m tests.faults.servers -- $(BIN)/python -m pytest tests/faults/chaos.py -q $(PYTEST_ARGS) || exit 1; \
 	done
-	@echo "== 1,000 sweeps that publish: pools and connections flat"
+	@echo "== 1,000 sweeps that publish: pools and connections flat; partitions with every kind of body"
 	DATABASE_URL=$(TEST_DATABASE_URL) CELERY_BROKER_URL=$(TEST_BROKER_URL) CELERY_TASK_DEFAULT_QUEUE=supervisor-hygiene \
-		HYGIENE_SWEEPS=1000 $(BIN)/python -m pytest tests/integration/test_hygiene.py -q $(PYTEST_ARGS)
+		HYGIENE_SWEEPS=1000 PARTITION_BODIES=all $(BIN)/python -m pytest tests/integration/test_hygiene.py \
+		tests/faults/test_partition.py -q $(PYTEST_ARGS)
 	@echo "== random interleavings of dispatch, claim, finish, kill, sweep, cancel, retry and schedule edits (Hypothesis, long profile)"
 	DATABASE_URL=$(TEST_DATABASE_URL) CELERY_BROKER_URL=$(TEST_BROKER_URL) HYPOTHESIS_PROFILE=chaos \
 		$(BIN)/python -m pytest tests/db/test_properties.py -q $(PYTEST_ARGS)

@@ -75,7 +75,7 @@ _COMMON = dict(
     database=None,  # nothing written into the work tree; a failure prints its steps (and a blob)
     print_blob=True,
 )
-hypothesis.settings.register_profile("supervisor", max_examples=25, stateful_step_count=50, derandomize=True, **_COMMON)
+hypothesis.settings.register_profile("supervisor", max_examples=20, stateful_step_count=40, derandomize=True, **_COMMON)
 hypothesis.settings.register_profile("chaos", max_examples=200, stateful_step_count=100, **_COMMON)
 
 WORKERS = ("w1", "w2", "w3")

@@ -4,7 +4,7 @@ A supervisor sweeps for months. A producer kept out of kombu's pool on some path
 for ever once the pool (ten producers by default) is empty; a database connection opened per sweep
 and never closed exhausts ``max_connections``. 1,000 sweeps, each republishing a run (through the
 real broker), must leave the producer pool, the broker connection pool and this process's database
-sessions where they were. ``make test`` runs 250 (a leak of one producer per sweep shows after 11);
+sessions where they were. ``make test`` runs 120 (a leak of one producer per sweep shows after 11);
 ``make chaos`` the full 1,000 (``HYGIENE_SWEEPS``).
 """
 
@@ -26,7 +26,7 @@ from supervisor_app.supervisor import run_sweep
 
 pytestmark = [pytest.mark.integration, pytest.mark.postgres]
 
-SWEEPS = int(os.environ.get("HYGIENE_SWEEPS", "250"))
+SWEEPS = int(os.environ.get("HYGIENE_SWEEPS", "120"))
 
 
 def in_use(pool: Any) -> int:
