@@ -183,7 +183,7 @@ def check_schedule_arguments(
     refuses them; this reports the rows written before, or by other means. A database check: it reads
     the table, so it runs only for the databases it is given (``migrate``, ``check --database default``).
     """
-    from django.db import DatabaseError, router
+    from django.db import DatabaseError, connections, router
     from django_celery_beat.models import PeriodicTask
 
     alias = router.db_for_read(PeriodicTask)
@@ -191,13 +191,20 @@ def check_schedule_arguments(
         return []
     bad: list[str] = []
     try:
+        # ``migrate`` runs database checks before it migrates: on a new database the table is not
+        # there yet, and a failed query would abort the migration's own transaction (psycopg2 also
+        # raises its own error, not Django's, when a server-side cursor fails), so look first.
+        with connections[alias].cursor() as cursor:
+            if PeriodicTask._meta.db_table not in connections[alias].introspection.table_names(cursor):
+                return []
+        # A plain query, not ``.iterator()``: a server-side cursor fails behind a transaction pooler.
         rows = PeriodicTask.objects.using(alias).order_by("name").values_list("name", "task", "args", "kwargs")
-        for name, task, args, kwargs_text in rows.iterator():
+        for name, task, args, kwargs_text in rows:
             try:
                 parse_arguments(args, kwargs_text)
             except ValueError as exc:
                 bad.append(f"periodic task {name!r} ({task}): {exc}")
-    except DatabaseError:  # not migrated yet: no stored schedule to check
+    except DatabaseError:  # unreachable or not migrated: no stored schedule to check
         return []
     hint = (
         "Correct them in the admin or in CELERY_BEAT_SCHEDULE. Until then Celery refuses to send them, and "
