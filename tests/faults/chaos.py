@@ -337,7 +337,8 @@ def test_chaos(live: Live, capsys: Any) -> None:
             f"  {len(scheduled)} scheduled runs; {verdict.summary()}; invariants {'held' if verdict.ok else 'VIOLATED'}"
         )
     record(
-        f"chaos on {broker}, seed {SEED}",
+        f"chaos on {broker}{' quorum queues' if os.environ.get('CELERY_TASK_DEFAULT_QUEUE_TYPE') == 'quorum' else ''}, "
+        f"seed {SEED}",
         f"{RUNS} runs + {len(scheduled)} from two racing beats; {len(chaos.log)} faults, "
         f"{len(scripted)} of them at fixed points "
         f"({', '.join(f'{k} x{n}' for k, n in sorted(chaos.counts.items()))})"
