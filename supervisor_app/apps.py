@@ -19,6 +19,7 @@ class SupervisorAppConfig(AppConfig):
         from . import checks as supervisor_checks
         from .alerts import receivers
         from .scheduling import pausing
+        from .worker import interrupt
 
         checks.register(supervisor_checks.check_settings, checks.Tags.compatibility)
         checks.register(supervisor_checks.check_celery, checks.Tags.compatibility)
@@ -28,3 +29,4 @@ class SupervisorAppConfig(AppConfig):
         receivers.connect()
         checks.register(supervisor_checks.check_metrics, checks.Tags.compatibility)
         pausing.connect()
+        interrupt.connect()

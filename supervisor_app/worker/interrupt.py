@@ -72,10 +72,15 @@ def can_interrupt() -> bool:
     return False
 
 
-@worker_process_init.connect(weak=False)
 def _in_pool_child(**kwargs: Any) -> None:
     # Sent in each prefork pool process after the fork (not in solo, threads or gevent workers).
     body.pool_child = True
+
+
+def connect() -> None:
+    """Connected by the app's ``ready()`` (never at import): mark prefork pool processes, whose
+    bodies a hard stop may end with their process."""
+    worker_process_init.connect(_in_pool_child, weak=False, dispatch_uid="supervisor_app.pool_child")
 
 
 def stopper(key: tuple[int, int]) -> tuple[Stop | None, Callable[[], None] | None]:
