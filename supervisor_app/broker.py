@@ -353,13 +353,3 @@ class QueueProbe:
             )
             entry["runs"][verdict] = entry["runs"].get(verdict, 0) + 1
         return out
-
-
-def revoke(task_id: str) -> None:
-    """Kill the worker process running ``task_id`` (a timed-out or force-cancelled attempt)."""
-    from celery import current_app
-
-    try:
-        current_app.control.revoke(task_id, terminate=True, signal="SIGKILL")
-    except Exception as exc:  # the attempt is fenced anyway; a failed revoke only wastes a worker
-        logger.warning("could not revoke %s (%s)", task_id, type(exc).__name__)

@@ -60,10 +60,6 @@ class Lease:
     #: will never be answered, where no exception can reach it.
     cut_body: Callable[[], None] | None = None
 
-    @property
-    def interruptible(self) -> bool:
-        return self.stop is not None
-
 
 def fence_margin(lease_timeout: float) -> float:
     """How long before ``held_until`` the keeper stops a body it can't prove holds its lease: time
