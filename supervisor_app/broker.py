@@ -1,4 +1,4 @@
-"""Publishing attempts to the broker: message options, the producer, revokes; no database writes.
+"""Publishing attempts to the broker: message options, the producer, queue probes; no database writes.
 
 Every publish of every attempt goes through :func:`send`, with options built by :func:`run_options`
 (when a run is recorded, from ``apply_async`` options or a schedule) and :func:`send_options` (at each

@@ -99,14 +99,16 @@ SETTINGS: dict[str, Setting] = {
         Setting(
             "MAX_RUNTIME",
             None,
-            "Seconds an attempt may run before the supervisor revokes it and retries (None: no limit).",
+            "Seconds an attempt may run before the supervisor times it out (fenced, body interrupted) and "
+            "retries (None: no limit).",
             duration=True,
         ),
         Setting(
             "CANCEL_GRACE",
             None,
             "Seconds a running run has to stop at a heartbeat after an operator cancels it; then the "
-            "supervisor marks it cancelled and revokes its worker process (None: the run's lease timeout).",
+            "supervisor marks it cancelled and fences it; its lease keeper interrupts the body (None: the "
+            "run's lease timeout).",
             duration=True,
         ),
         Setting(

@@ -19,7 +19,7 @@ run_retrying = Signal()
 run_dead = Signal()
 #: The agent of an attempt was lost (lease expired) and a new attempt was queued. Extra: ``lost_attempt``.
 run_recovered = Signal()
-#: An attempt ran past its max runtime, was revoked and a new attempt queued. Extra: ``timed_out_attempt``.
+#: An attempt ran past its max runtime, was timed out (fenced) and a new attempt queued. Extra: ``timed_out_attempt``.
 run_timed_out = Signal()
 #: A zombie agent's write was refused (it lost the lease). Extra: ``attempt``, ``worker``.
 run_fenced = Signal()

@@ -11,8 +11,8 @@ def first_task_id(run_id: int) -> str:
 
 
 def new_task_id(run_id: int, attempt: int, token: str | None = None) -> str:
-    """A later attempt's id. Each attempt gets its own, so revoking a timed-out attempt never revokes
-    the next; ``token`` (random by default) keeps ids unique across a database that was reset."""
+    """A later attempt's id. Each attempt gets its own, so nothing addressed to a timed-out attempt
+    reaches the next; ``token`` (random by default) keeps ids unique across a database that was reset."""
     return f"{run_id}.{attempt}.{token or new_token()}"
 
 

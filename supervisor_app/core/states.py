@@ -74,7 +74,7 @@ class AttemptOutcome(models.TextChoices):
     FAILED = "failed", "failed"
     #: The agent stopped heart-beating (crash, hang, network cut) and the lease expired.
     LOST = "lost", "lost"
-    #: Ran past its max runtime and was revoked.
+    #: Ran past its max runtime; fenced, and its body interrupted by its lease keeper.
     TIMED_OUT = "timed_out", "timed out"
     #: A zombie agent tried to write after losing its lease; its write was refused.
     FENCED = "fenced", "fenced"

@@ -34,7 +34,8 @@ def request_cancel(run_id: int) -> str | None:
             send_on_commit(signals.run_cancelled, run_id, attempt=None)
             return CANCEL_WAITING.target
         # Running: the body stops at its next heartbeat; if it doesn't within the grace period, the
-        # deadline below makes the supervisor cancel the run and revoke the attempt (time_out).
+        # deadline below makes the supervisor cancel the run and fence the attempt (time_out); its
+        # lease keeper then interrupts the body in-process.
         grace = supervisor_settings.cancel_grace
         by = after(timedelta(seconds=grace)) if grace is not None else after(F("lease_timeout"))
         if SupervisedRun.objects.filter(pk=run_id, status=RunStatus.RUNNING).update(

@@ -47,7 +47,7 @@ def heartbeat(run_id: int, attempt: int, progress: Any = None, checkpoint: Any =
     heartbeat saves newer ones. Past that point it raises LeaseLost, as the supervisor may already
     have handed the run to another agent.
     """
-    local = lease_keeper.state(run_id, attempt)
+    local = lease_keeper.checked(run_id, attempt)
     if local is not None and local.lost:
         raise LeaseLost(f"run {run_id} attempt {attempt} lost its lease")
     since = time.monotonic()
@@ -58,9 +58,10 @@ def heartbeat(run_id: int, attempt: int, progress: Any = None, checkpoint: Any =
         drop_broken_connection()
         if local is None:
             raise
-        left = local.held_until - time.monotonic()
-        if left <= 0:
+        local = lease_keeper.checked(run_id, attempt)  # the failed statement may have taken a while
+        if local is None or local.lost:
             raise LeaseLost(f"run {run_id} attempt {attempt}: database unreachable past the lease") from exc
+        left = local.held_until - time.monotonic()
         logger.warning(
             "run %s attempt %s: heartbeat not saved, database unavailable (%s); lease surely held %.1fs more",
             run_id,

@@ -119,6 +119,32 @@ class LeaseKeeper:
         with self._lock:
             return self._leases.get((run_id, attempt))
 
+    def checked(self, run_id: int, attempt: int) -> Lease | None:
+        """The lease of a body about to touch the database, self-fenced first if it can no longer be
+        proved held. A body resuming after a pause (SIGSTOP, a VM freeze) may run before the keeper's
+        thread does: it must learn the lease is gone here, not from a write sent past the lease."""
+        with self._lock:
+            lease = self._leases.get((run_id, attempt))
+            if lease is not None:
+                self._fence_if_unprovable((run_id, attempt), lease, time.monotonic())
+            return lease
+
+    @staticmethod
+    def _fence_if_unprovable(key: tuple[int, int], lease: Lease, now: float) -> bool:
+        """Mark ``lease`` lost (self-fenced) if no renewal confirmed it for long enough that the
+        supervisor may hand the run on; True when this call fenced it. The caller holds the lock."""
+        if lease.lost or now < lease.held_until - fence_margin(lease.lease_timeout):
+            return False
+        lease.lost = lease.unprovable = True
+        logger.warning(
+            "run %s attempt %s: lease not confirmed for %.1fs (database unreachable?); "
+            "stopping the body and writing nothing more for it (self-fenced)",
+            key[0],
+            key[1],
+            lease.lease_timeout - (lease.held_until - now),
+        )
+        return True
+
     def mark(self, run_id: int, attempt: int, held: bool, cancel_requested: bool, since: float) -> None:
         """Record a renewal's answer; ``since`` is when its statement was sent (monotonic)."""
         with self._lock:
@@ -158,24 +184,14 @@ class LeaseKeeper:
             nearest = now + 60.0
             renew = False
             for key, lease in self._leases.items():
-                if not lease.lost:
-                    fence_at = lease.held_until - fence_margin(lease.lease_timeout)
-                    if now >= fence_at:
-                        lease.lost = lease.unprovable = True
-                        to_stop.append((key, lease))
-                        logger.warning(
-                            "run %s attempt %s: lease not confirmed for %.1fs (database unreachable?); "
-                            "stopping the body and writing nothing more for it (self-fenced)",
-                            key[0],
-                            key[1],
-                            lease.lease_timeout - (lease.held_until - now),
-                        )
-                    else:
-                        nearest = min(nearest, fence_at)
-                        if now >= lease.due:
-                            renew = True
-                            lease.due = now + lease.interval
-                        nearest = min(nearest, lease.due)
+                if self._fence_if_unprovable(key, lease, now):
+                    to_stop.append((key, lease))
+                elif not lease.lost:
+                    nearest = min(nearest, lease.held_until - fence_margin(lease.lease_timeout))
+                    if now >= lease.due:
+                        renew = True
+                        lease.due = now + lease.interval
+                    nearest = min(nearest, lease.due)
                 if lease.stopped_at is not None and lease.hard_stop is not None and grace is not None:
                     if now >= lease.stopped_at + grace:
                         to_kill.append(lease.hard_stop)

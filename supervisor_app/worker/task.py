@@ -71,7 +71,8 @@ class SupervisedTask(Task):  # type: ignore[misc]
     #: Exception types retried / failed at once (``SUPERVISOR_[NON_]RETRYABLE_EXCEPTIONS``).
     retryable_exceptions: tuple[type[BaseException], ...] | None = None
     non_retryable_exceptions: tuple[type[BaseException], ...] | None = None
-    #: Seconds an attempt may run before it is revoked and retried (``SUPERVISOR_MAX_RUNTIME``).
+    #: Seconds an attempt may run before it is timed out (fenced, its body interrupted) and retried
+    #: (``SUPERVISOR_MAX_RUNTIME``).
     max_runtime: float | None = None
     #: Seconds a published attempt may wait unstarted before it is published again.
     start_timeout: float | None = None

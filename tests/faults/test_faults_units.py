@@ -59,10 +59,40 @@ def test_a_heartbeat_during_an_outage_goes_on_while_the_lease_surely_holds(
 def test_a_heartbeat_during_an_outage_past_the_lease_stops_the_body(
     keeper: lease_keeper.LeaseKeeper, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(runs, "heartbeat", _unavailable)
-    keeper.register(1, 1, interval=1.0, lease_timeout=10.0, since=time.monotonic() - 11.0)
+    keeper.register(1, 1, interval=1.0, lease_timeout=10.0, since=time.monotonic() - 5.0)
+
+    def unavailable_for_long(*args: Any, **kwargs: Any) -> Any:
+        lease = keeper.state(1, 1)
+        assert lease is not None
+        lease.held_until -= 5.0  # the statement hung for the rest of the lease before failing
+        raise OperationalError("server closed the connection unexpectedly")
+
+    monkeypatch.setattr(runs, "heartbeat", unavailable_for_long)
     with pytest.raises(LeaseLost, match="database unreachable past the lease"):
         execute.heartbeat(1, 1)
+    lease = keeper.state(1, 1)
+    assert lease is not None and lease.lost and lease.unprovable
+
+
+def test_a_body_resuming_past_its_lease_fences_itself_before_any_database_call(
+    keeper: lease_keeper.LeaseKeeper, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A body paused (SIGSTOP, a frozen VM) past its lease may run before the keeper's thread: its
+    heartbeat must not send a write past the lease, and its finish must record nothing."""
+    from celery.exceptions import Ignore
+
+    def no_database(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("a self-fenced body touched the database")
+
+    monkeypatch.setattr(runs, "heartbeat", no_database)
+    keeper.register(1, 1, interval=1.0, lease_timeout=10.0, since=time.monotonic() - 9.5)  # 0.5 s left < margin
+    with pytest.raises(LeaseLost):
+        execute.heartbeat(1, 1)
+    lease = keeper.unregister(1, 1)
+    assert lease is not None and lease.unprovable
+    with pytest.raises(Ignore):
+        execute.finish(lease, no_database, 1, 1)
+    assert "self-fenced, nothing recorded" in caplog.text
 
 
 def test_a_successful_renewal_extends_the_lease_from_when_it_was_sent(keeper: lease_keeper.LeaseKeeper) -> None:

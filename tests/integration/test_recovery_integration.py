@@ -129,9 +129,15 @@ def test_sigstop_past_the_lease_is_recovered_and_the_zombie_is_fenced(live: Live
         assert_recovered_within_bound([run_id], stopped_at)
     finally:
         hung.signal_group(signal.SIGCONT)
-    # The zombie wakes up: its lease keeper sees that no renewal confirmed the lease for longer than
-    # the lease, stops the body and writes nothing more (self-fenced); its attempt stays `lost`.
-    wait_until(lambda: "self-fenced, nothing recorded" in hung.output(), 30, what="the zombie to fence itself")
+    # The zombie wakes up: whichever runs first, its body's heartbeat or its lease keeper, sees that
+    # no renewal confirmed the lease for longer than the lease, stops the body and writes nothing
+    # more (self-fenced); its attempt stays `lost`. (Stopped in the middle of a heartbeat's query,
+    # it learns it from the database's answer instead: "lost its lease", a fenced write.)
+    wait_until(
+        lambda: "self-fenced, nothing recorded" in hung.output() or "lost its lease" in hung.output(),
+        30,
+        what="the zombie to fence itself",
+    )
     assert RunAttempt.objects.get(run_id=run_id, number=1).outcome == "lost"
     run = SupervisedRun.objects.get(pk=run_id)
     assert run.status == "succeeded" and run.attempt == 2 and run.worker.startswith("healthy@")
