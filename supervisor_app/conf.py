@@ -153,6 +153,23 @@ SETTINGS: dict[str, Setting] = {
             "always waits: a recorded run survives a crash.",
         ),
         Setting(
+            "STRICT_FINISH",
+            False,
+            "Write a successful attempt's completion before the task returns to Celery. Off (the "
+            "default), completions are queued in the worker process and written in batches, one "
+            "statement each, within `SUPERVISOR_FINISH_DELAY`: a worker killed in between leaves the run "
+            "`running`, and it is recovered and executed again (at-least-once, fencing unchanged). "
+            "A task's `strict_finish` attribute overrides it. Failures are always written at once.",
+        ),
+        Setting(
+            "FINISH_DELAY",
+            0.05,
+            "Seconds a queued completion may wait before its worker process writes it (see "
+            "`SUPERVISOR_STRICT_FINISH`); it is written sooner when the batch is full or its lease "
+            "nears its end, and on shutdown.",
+            duration=True,
+        ),
+        Setting(
             "INTERRUPT_BODIES",
             True,
             "When a worker's lease keeper learns that a running body lost its lease (timed out, taken "

@@ -89,6 +89,10 @@ class SupervisedTask(Task):  # type: ignore[misc]
     #: The limit applies per key: the names of the arguments that make it (``("customer",)``), or
     #: ``"args"`` for all of them. None: one limit for the whole task.
     concurrency_by: str | tuple[str, ...] | None = None
+    #: Write the run's success before the task returns to Celery (``SUPERVISOR_STRICT_FINISH``). Off,
+    #: a successful attempt's completion is queued in the worker process and written with others in
+    #: one statement within ``SUPERVISOR_FINISH_DELAY``: a crash in between runs the body again.
+    strict_finish: bool | None = None
 
     # ------------------------------------------------------------------ policy
 
