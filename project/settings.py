@@ -183,6 +183,13 @@ CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 CELERY_DB_REUSE_MAX = 1000
 # Beat records every slot of a supervised schedule before publishing it (several beats may run).
 CELERY_BEAT_SCHEDULER = "supervisor_app.schedulers:SupervisedScheduler"
+# bench/run.py only (never set by the tests): BENCH_RESULTS=1 makes this process the bench's peer that keeps
+# task state the usual way, django-celery-results (installed by bench/requirements.txt) with the state
+# STARTED written too. The bench migrates its tables into the bench database alone.
+if os.environ.get("BENCH_RESULTS") == "1":
+    INSTALLED_APPS.append("django_celery_results")
+    CELERY_RESULT_BACKEND = "django-db"
+    CELERY_TASK_TRACK_STARTED = True
 
 
 # ---------------------------------------------------------------- supervisor_app
@@ -194,6 +201,10 @@ SUPERVISOR_BACKOFF = _env_float("SUPERVISOR_BACKOFF", 2.0)
 SUPERVISOR_START_TIMEOUT = _env_float("SUPERVISOR_START_TIMEOUT", None)
 SUPERVISOR_MAX_PUBLISHES = int(os.environ.get("SUPERVISOR_MAX_PUBLISHES", "20"))
 SUPERVISOR_SWEEP_BATCH_SIZE = int(os.environ.get("SUPERVISOR_SWEEP_BATCH_SIZE", "500"))
+SUPERVISOR_FINISH_DELAY = _env_float("SUPERVISOR_FINISH_DELAY", 0.05)
+# Unset: the app's default (completions deferred and batched). bench/run.py sets it for its strict case.
+if os.environ.get("SUPERVISOR_STRICT_FINISH"):
+    SUPERVISOR_STRICT_FINISH = os.environ["SUPERVISOR_STRICT_FINISH"].lower() in ("1", "true")
 
 LOGGING = {
     "version": 1,

@@ -19,7 +19,7 @@ class SupervisorAppConfig(AppConfig):
         from . import checks as supervisor_checks
         from .alerts import receivers
         from .scheduling import pausing
-        from .worker import interrupt
+        from .worker import interrupt, lease_keeper
 
         checks.register(supervisor_checks.check_settings, checks.Tags.compatibility)
         checks.register(supervisor_checks.check_celery, checks.Tags.compatibility)
@@ -30,3 +30,4 @@ class SupervisorAppConfig(AppConfig):
         checks.register(supervisor_checks.check_metrics, checks.Tags.compatibility)
         pausing.connect()
         interrupt.connect()
+        lease_keeper.connect()

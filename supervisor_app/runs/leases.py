@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import operator
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from functools import reduce
@@ -107,6 +107,23 @@ WITH finished AS (
     FROM finished WHERE a.run_id = finished.id AND a.number = finished.attempt
 )
 SELECT count(*) FROM finished
+"""
+
+#: Many successes in one statement (the worker's deferred completions): the pairs and tokens travel
+#: as arrays, so the text and its plan do not grow with the batch.
+_SUCCEED_MANY_PG = """
+WITH finished AS (
+    UPDATE {run} AS r SET status = %(target)s, finished_at = now(), lease_expires_at = NULL, deadline_at = NULL,
+        last_error = ''
+    FROM unnest(%(ids)s::bigint[], %(attempts)s::integer[], %(tokens)s::uuid[]) AS l(id, attempt, token)
+    WHERE r.id = l.id AND r.attempt = l.attempt AND r.status = %(source)s
+        AND r.lease_token IS NOT DISTINCT FROM COALESCE(l.token, r.lease_token){async_commit}
+    RETURNING r.id, r.attempt
+), ended AS (
+    UPDATE {attempt} AS a SET outcome = %(outcome)s, ended_at = now()
+    FROM finished WHERE a.run_id = finished.id AND a.number = finished.attempt
+)
+SELECT id, attempt FROM finished
 """
 
 _RENEW_PG = """
@@ -357,6 +374,35 @@ def finish_success(run_id: int, attempt: int, worker: str = "", token: str | Non
         rows.finish_attempt(run_id, attempt, AttemptOutcome.SUCCEEDED)
         send_on_commit(signals.run_succeeded, run_id, attempt=attempt)
     return True
+
+
+def finish_successes(done: Sequence[tuple[int, int, str | None, str]]) -> set[tuple[int, int]]:
+    """running → succeeded for many attempts, ``(run_id, attempt, token, worker)`` each, fenced like
+    :func:`finish_success`; one statement on PostgreSQL. Returns the attempts written; each of the
+    others lost its lease (recorded as a fenced completion)."""
+    if not done:
+        return set()
+    conn = single_statement_connection(_using())
+    if conn is None:
+        return {(r, a) for r, a, token, worker in done if finish_success(r, a, worker, token)}
+    params = {
+        "ids": [d[0] for d in done],
+        "attempts": [d[1] for d in done],
+        "tokens": [_token(d[2]) for d in done],
+        "source": SUCCEED.source,
+        "target": SUCCEED.target,
+        "outcome": AttemptOutcome.SUCCEEDED.value,
+    }
+    with conn.cursor() as cursor:
+        cursor.execute(_sql(_SUCCEED_MANY_PG, conn), params)
+        won = {(int(r), int(a)) for r, a in cursor.fetchall()}
+    for run_id, attempt, _, worker in done:
+        if (run_id, attempt) in won:
+            send_on_commit(signals.run_succeeded, run_id, attempt=attempt)
+        else:
+            with transaction.atomic():
+                rows.fenced(run_id, attempt, worker, "completion")
+    return won
 
 
 def finish_failure(

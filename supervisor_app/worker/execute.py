@@ -177,7 +177,7 @@ def execute(task: SupervisedTask, run_id: int, attempt: int, args: tuple[Any, ..
     # Only the delivery that won the claim tells the result backend it started (never a duplicate).
     started.store_started(task, worker)
     try:
-        return _run(task, won, worker, sent[0], args, kwargs)
+        return _run(task, won, worker, sent[0], args, kwargs, deferred=defers_finish(task, limit is not None))
     finally:
         if limit is not None:
             hand_on_slot(limit[0])
@@ -212,7 +212,13 @@ def hand_on_slot(key: str) -> None:
 
 
 def _run(
-    task: SupervisedTask, won: runs.Claim, worker: str, since: float, args: tuple[Any, ...], kwargs: dict[str, Any]
+    task: SupervisedTask,
+    won: runs.Claim,
+    worker: str,
+    since: float,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    deferred: bool = False,
 ) -> Any:
     """The body of a claimed attempt, its lease kept, then its fenced finish."""
     from celery.exceptions import Ignore
@@ -270,9 +276,20 @@ def _run(
 
         finish(lease, fail, run_id, attempt)
         raise
+    if deferred and lease_keeper.complete(run_id, attempt, worker):
+        return result  # written by this process's lease keeper, with others, within the finish delay
     lease = lease_keeper.unregister(run_id, attempt)
     finish(lease, lambda: runs.finish_success(run_id, attempt, worker, token), run_id, attempt, completed=True)
     return result
+
+
+def defers_finish(task: SupervisedTask, limited: bool) -> bool:
+    """Whether a success of ``task`` is queued for the lease keeper rather than written before the
+    task returns: not in strict mode (the task's ``strict_finish``, else ``SUPERVISOR_STRICT_FINISH``),
+    only in a Celery worker (where the keeper outlives the task), and never for a run holding a
+    concurrency slot (the slot is handed on right after the write)."""
+    strict = task.strict_finish if task.strict_finish is not None else supervisor_settings.STRICT_FINISH
+    return not strict and not limited and lease_keeper.in_worker
 
 
 def _body_socket_cutter() -> Callable[[], None]:

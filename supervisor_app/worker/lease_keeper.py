@@ -12,7 +12,15 @@ Two threads, so that a database that stops answering can't silence the watch:
   confirmed for its whole length may already be handed on by the supervisor, so its body is stopped
   (as for a lost lease) and nothing more is written for it. It also cuts the socket of a renewal
   that hangs, so the next one starts on a fresh connection;
-- the *renewer* runs the renewal statement when the keeper asks.
+- the *renewer* runs the renewal statement when the keeper asks, and writes the queued completions.
+
+**Deferred completions** (unless ``SUPERVISOR_STRICT_FINISH`` or the task's ``strict_finish``): a body
+that returned hands its success to the keeper (:meth:`LeaseKeeper.complete`) and the worker moves on
+to its next task. The renewer writes every queued success of the process in one statement
+(``runs.finish_successes``) within ``SUPERVISOR_FINISH_DELAY``, sooner when the batch is full, and
+on shutdown. Until then the run stays ``running`` with its lease: a worker killed in between leaves
+it to the supervisor, which recovers it and runs the body again (at-least-once, as for any crash);
+the write is fenced by the claim's token like every other, so a late one can't win over a new claim.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from .. import runs
 from ..conf import supervisor_settings
@@ -32,6 +41,11 @@ logger = logging.getLogger("supervisor_app")
 
 #: Stops a body: called with ``cancel`` True for an operator's cancel, False for a lost lease.
 Stop = Callable[[bool], None]
+
+T = TypeVar("T")
+
+#: Queued completions that make the renewer write at once, without waiting for the delay.
+FLUSH_BATCH = 200
 
 
 @dataclass
@@ -59,6 +73,10 @@ class Lease:
     #: Cuts the body's own database socket: at a self-fence the body may be blocked in a query that
     #: will never be answered, where no exception can reach it.
     cut_body: Callable[[], None] | None = None
+    #: The body returned and its success waits to be written (monotonic time), by ``flush_at``.
+    completed_at: float | None = None
+    flush_at: float = 0.0
+    worker: str = ""
 
 
 def fence_margin(lease_timeout: float) -> float:
@@ -83,6 +101,15 @@ class LeaseKeeper:
     _busy_since: float | None = None
     _fd: int | None = None
     _cut: bool = False
+    #: What the renewer was woken for.
+    _renew_wanted: bool = False
+    _flush_wanted: bool = False
+    #: This process is a Celery worker's (``worker_init`` was sent in it or its parent): only there
+    #: is a keeper thread sure to outlive the task and flush its completion.
+    in_worker: bool = False
+    #: Completions written, and statements that wrote them.
+    completions: int = 0
+    flushes: int = 0
 
     def register(
         self,
@@ -110,6 +137,50 @@ class LeaseKeeper:
             )
             self._ensure_thread()
         self._wake.set()  # an earlier deadline than the keeper waits for: recompute its wait
+
+    def complete(self, run_id: int, attempt: int, worker: str) -> bool:
+        """Queue the success of a body that returned; the renewer writes it (see the module's doc).
+
+        False when it can't be queued (no such lease, or it is lost): the caller writes it itself."""
+        now = time.monotonic()
+        with self._lock:
+            lease = self._leases.get((run_id, attempt))
+            if lease is None or lease.lost or lease.completed_at is not None:
+                return False
+            delay = supervisor_settings.FINISH_DELAY
+            lease.completed_at, lease.flush_at, lease.worker = now, now + float(delay or 0.0), worker
+            # Nothing left to stop: the body returned.
+            lease.stop = lease.hard_stop = lease.cut_body = None
+            pending = sum(1 for other in self._leases.values() if other.completed_at is not None)
+            self._ensure_thread()
+            if pending >= FLUSH_BATCH or not delay:
+                self._flush_wanted = True
+                self._renew_now.set()
+                return True
+        if pending == 1:
+            self._wake.set()  # the first in the batch: the keeper's wait may be longer than the delay
+        return True
+
+    def pending_completions(self) -> int:
+        with self._lock:
+            return sum(1 for lease in self._leases.values() if lease.completed_at is not None)
+
+    def drain(self, timeout: float = 5.0) -> int:
+        """Write the queued completions now (worker shutdown), waiting at most ``timeout`` seconds;
+        returns how many are still unwritten."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = self.pending_completions()
+            if not left:
+                return 0
+            if time.monotonic() >= deadline:
+                logger.warning("%s completions not written at shutdown; the supervisor recovers those runs", left)
+                return left
+            with self._lock:
+                self._flush_wanted = True
+                self._ensure_thread()
+            self._renew_now.set()
+            time.sleep(0.01)
 
     def unregister(self, run_id: int, attempt: int) -> Lease | None:
         with self._lock:
@@ -182,8 +253,16 @@ class LeaseKeeper:
         grace = supervisor_settings.STOP_GRACE
         with self._lock:
             nearest = now + 60.0
-            renew = False
+            renew = flush = False
             for key, lease in self._leases.items():
+                if lease.completed_at is not None:
+                    # No body to stop or lease to renew: the write is due (it is fenced by the token,
+                    # so one that comes late can't win over another claim).
+                    if now >= lease.flush_at:
+                        flush = True
+                    else:
+                        nearest = min(nearest, lease.flush_at)
+                    continue
                 if self._fence_if_unprovable(key, lease, now):
                     to_stop.append((key, lease))
                 elif not lease.lost:
@@ -199,6 +278,10 @@ class LeaseKeeper:
                     else:
                         nearest = min(nearest, lease.stopped_at + grace)
             busy = self._busy_since
+            self._renew_wanted = self._renew_wanted or renew
+            self._flush_wanted = self._flush_wanted or flush
+        if flush and busy is None:
+            self._renew_now.set()
         if renew:
             if busy is None:
                 self._renew_now.set()
@@ -252,29 +335,71 @@ class LeaseKeeper:
         while True:
             self._renew_now.wait()
             self._renew_now.clear()
-            self.renew_once()
+            with self._lock:
+                flush, renew = self._flush_wanted, self._renew_wanted
+                self._flush_wanted = self._renew_wanted = False
+            if flush:
+                self.flush_completions()
+            if renew:
+                self.renew_once()
 
-    def renew_once(self) -> None:
+    def _watched(self, statement: Callable[[], T], what: str) -> T | None:
+        """Run the renewer's ``statement`` with its socket watched by the keeper (cut if it hangs);
+        None when it failed, logged, the connection recovered for the next one."""
         with self._lock:
-            wanted = [key for key, lease in self._leases.items() if not lease.lost]
-            tokens = {key: lease.token for key, lease in self._leases.items() if lease.token and not lease.lost}
-        if not wanted:
-            return
-        since = time.monotonic()
-        with self._lock:
-            self._busy_since, self._fd, self._cut = since, socket_fd(), False
+            self._busy_since, self._fd, self._cut = time.monotonic(), socket_fd(), False
         try:
-            states = runs.renew_leases(wanted, tokens)
+            return statement()
         except Exception as exc:
             # A database hiccup: keep trying. If it lasts past the lease, the keeper self-fences the
             # bodies, and the supervisor gives the runs to other agents.
             with self._lock:  # before the socket is closed: the keeper must never cut a reused fd
                 self._busy_since = self._fd = None
-            logger.warning("lease renewal failed (%s)", type(exc).__name__)
+            logger.warning("%s failed (%s)", what, type(exc).__name__)
             recover_connection()
-            return
+            return None
+        finally:
+            with self._lock:
+                self._busy_since = self._fd = None
+
+    def flush_completions(self) -> None:
+        """Write every queued completion of this process in one statement."""
         with self._lock:
-            self._busy_since = self._fd = None
+            batch = [(key, lease) for key, lease in self._leases.items() if lease.completed_at is not None]
+        if not batch:
+            return
+        done = [(key[0], key[1], lease.token, lease.worker) for key, lease in batch]
+        written = self._watched(lambda: runs.finish_successes(done), "writing completions")
+        now = time.monotonic()
+        with self._lock:
+            for key, lease in batch:
+                if written is not None or now >= lease.held_until:
+                    self._leases.pop(key, None)
+                    if written is None:
+                        logger.warning(
+                            "run %s attempt %s: outcome not recorded, database unavailable past the lease; "
+                            "the supervisor will recover the attempt",
+                            *key,
+                        )
+                else:
+                    lease.flush_at = now + 0.2  # try again soon, while the lease surely holds
+        if written is not None:
+            self.completions += len(written)
+            self.flushes += 1
+        else:
+            self._wake.set()
+
+    def renew_once(self) -> None:
+        with self._lock:
+            live = [(k, lease) for k, lease in self._leases.items() if not lease.lost and lease.completed_at is None]
+            wanted = [key for key, _ in live]
+            tokens = {key: lease.token for key, lease in live if lease.token}
+        if not wanted:
+            return
+        since = time.monotonic()
+        states = self._watched(lambda: runs.renew_leases(wanted, tokens), "lease renewal")
+        if states is None:
+            return
         self.renewals += 1
         now = time.monotonic()
         for (run_id, attempt), st in states.items():
@@ -292,3 +417,22 @@ class LeaseKeeper:
 
 
 lease_keeper = LeaseKeeper()
+
+
+def _in_worker(**kwargs: Any) -> None:
+    # Sent in a worker's main process before its pool starts; prefork pool processes inherit it.
+    lease_keeper.in_worker = True
+
+
+def _drain(**kwargs: Any) -> None:
+    lease_keeper.drain()
+
+
+def connect() -> None:
+    """Connected by the app's ``ready()``: completions are deferred only in Celery workers, and
+    written before a worker or pool process exits."""
+    from celery.signals import worker_init, worker_process_shutdown, worker_shutdown
+
+    worker_init.connect(_in_worker, weak=False, dispatch_uid="supervisor_app.in_worker")
+    worker_process_shutdown.connect(_drain, weak=False, dispatch_uid="supervisor_app.drain_pool_process")
+    worker_shutdown.connect(_drain, weak=False, dispatch_uid="supervisor_app.drain_worker")
