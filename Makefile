@@ -56,8 +56,10 @@ lint: $(STAMP)
 clean:
 	rm -rf var .pytest_cache .mypy_cache .ruff_cache build dist *.egg-info
 
-## make bench: supervised vs plain Celery on PostgreSQL + RabbitMQ (+ Redis); writes bench/results.md and plots.
+## make bench: supervised vs plain Celery and the peers (django-celery-results, Procrastinate: bench/requirements.txt)
+## on PostgreSQL + RabbitMQ (+ Redis); writes bench/results.md and plots.
 bench: $(STAMP)
+	$(BIN)/python -m pip install -q --disable-pip-version-check -r bench/requirements.txt
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 ## make chaos: the fault suite's long form: hundreds of runs under random, seeded faults, once per seed,

@@ -6,10 +6,13 @@ Writes bench/results.md and PNG plots in bench/. Needs PostgreSQL, RabbitMQ and 
     python bench/run.py [--quick] [--only overhead,recovery,plain,sweep,heartbeat,beat,beat-load]
     python bench/run.py --only beat --beat-size 1000 --beat-supervised-only --out /tmp/bench-beat
     python bench/run.py --only beat-load --out /tmp/bench-beat-load
+    python bench/run.py --only overhead --overhead-rounds 3 --overhead-n 2000 --out /tmp/bench-overhead
 
 BENCH_DB, BENCH_QUEUE and BENCH_LOGS (environment) name the database (dropped and created anew), the
 queue and the log folder under var/, so a second bench can run beside `make bench` without touching
-its data.
+its data; the overhead bench's Procrastinate peer gets a database of its own, BENCH_DB + "_procrastinate".
+Its peers (django-celery-results, Procrastinate) come from bench/requirements.txt, which `make bench`
+installs; a peer that is not installed is skipped with a note in results.md.
 """
 
 from __future__ import annotations
@@ -111,30 +114,194 @@ def pct(values: list[float], p: float) -> float:
 
 # ------------------------------------------------------------------ 2. per-task overhead
 
+#: The cases of the per-task overhead bench, in the order of the table: key -> label.
+OVERHEAD_CASES = {
+    "plain": "plain Celery",
+    "dcr": "Celery + django-celery-results, `track_started`",
+    "supervised": "supervised (default: completions deferred, batched)",
+    "strict": "supervised, strict (`SUPERVISOR_STRICT_FINISH`)",
+    "procrastinate": "Procrastinate, deferred one by one",
+    "procrastinate_batch": "Procrastinate, `batch_defer`",
+}
+#: (case, reference, at least): the targets of issue 15, ratios of the same run.
+OVERHEAD_TARGETS = [("supervised", "plain", 0.8), ("supervised", "dcr", 2.0), ("strict", "plain", 0.5)]
+PROCRASTINATE_DB = f"{BENCH_DB}_procrastinate"
+DCR_TABLE = "django_celery_results_taskresult"
 
-def drain(name: str, n: int, fill: Callable[[], None]) -> tuple[float, float]:
-    """Fill the queue with ``n`` messages, then start a worker and time it from ready to the last task."""
+
+def drain(
+    name: str,
+    n: int,
+    fill: Callable[[], None],
+    env: dict[str, str] | None = None,
+    recorded: Callable[[], float] | None = None,
+) -> tuple[float, float]:
+    """Fill the queue with ``n`` messages, then start a worker and time it from ready to the last task:
+    its last "succeeded in" line, or ``recorded()`` (when the last one is in the database) if given."""
     purge()
     t = time.perf_counter()
     fill()
     dispatch = (time.perf_counter() - t) / n
-    worker = spawn_worker(name, LOGS, {"SUPERVISOR_LOG_LEVEL": "WARNING"}, concurrency=2)
+    worker = spawn_worker(name, LOGS, {"SUPERVISOR_LOG_LEVEL": "WARNING", **(env or {})}, concurrency=2)
     try:
         wait_until(lambda: len(log_times(worker, "succeeded in")) >= n, 600, 0.2, f"{name} to drain {n} tasks")
         ready = log_times(worker, "ready.")[0]
-        last = log_times(worker, "succeeded in")[-1]
+        last = log_times(worker, "succeeded in")[-1] if recorded is None else recorded()
     finally:
         worker.stop()
     return n / (last - ready), dispatch
 
 
-def bench_overhead(n: int) -> dict[str, Any]:
-    from project.tasks import noop, plain_noop
+def runs_recorded(n: int) -> float:
+    """When the last of ``n`` supervised runs was recorded ``succeeded``: the deferred path writes
+    completions after the task's log line, so the throughput counts up to that write."""
 
+    def all_succeeded() -> bool:
+        return SupervisedRun.objects.filter(status="succeeded").count() >= n
+
+    wait_until(all_succeeded, 60, 0.05, f"{n} runs recorded succeeded")
+    assert SupervisedRun.objects.count() == n and SupervisedRun.objects.filter(status="succeeded").count() == n
+    last = SupervisedRun.objects.aggregate(last=models.Max("finished_at"))["last"]
+    return float(last.timestamp())
+
+
+def dcr_recorded(n: int) -> None:
+    """Check that django-celery-results holds ``n`` successes (started, then succeeded)."""
+
+    def count() -> int:
+        with connection.cursor() as cursor:
+            cursor.execute(f"SELECT count(*) FROM {DCR_TABLE} WHERE status = 'SUCCESS'")
+            return int(cursor.fetchone()[0])
+
+    wait_until(lambda: count() >= n, 60, 0.05, f"{n} results stored")
+
+
+def prepare_dcr() -> str | None:
+    """Migrate django-celery-results' tables into the bench database (only there); None, or why not."""
+    import importlib.util
+    import subprocess
+
+    if importlib.util.find_spec("django_celery_results") is None:
+        return "django-celery-results is not installed (`pip install -r bench/requirements.txt`)"
+    subprocess.run(
+        [sys.executable, "manage.py", "migrate", "django_celery_results", "-v0"],
+        cwd=ROOT,
+        env={**os.environ, "BENCH_RESULTS": "1"},
+        check=True,
+    )
+    return None
+
+
+def prepare_procrastinate() -> tuple[Any, str | None, str | None]:
+    """The peer module and its database's DSN, or why the case is skipped."""
+    try:
+        import procrastinate_peer  # bench/, next to this script
+    except ImportError as exc:
+        return None, None, f"Procrastinate is not importable ({exc}; `pip install -r bench/requirements.txt`)"
+    return procrastinate_peer, procrastinate_peer.fresh_database(PG, PROCRASTINATE_DB), None
+
+
+def overhead_round(case: str, n: int, peer: Any, peer_dsn: str | None) -> dict[str, tuple[float, float]]:
+    """One case once: {case key: (tasks/s, dispatch seconds per task)}."""
+    from project.tasks import noop, plain_noop, results_noop
+
+    if case == "plain":
+        return {case: drain("plain", n, lambda: [plain_noop.apply_async() for _ in range(n)])}
+    if case == "dcr":
+        with connection.cursor() as cursor:
+            cursor.execute(f"DELETE FROM {DCR_TABLE}")
+        sample = drain("dcr", n, lambda: [results_noop.apply_async() for _ in range(n)], {"BENCH_RESULTS": "1"})
+        dcr_recorded(n)
+        return {case: sample}
+    if case in ("supervised", "strict"):
+        reset()
+        env = {"SUPERVISOR_STRICT_FINISH": "1" if case == "strict" else "0"}
+        return {case: drain(case, n, lambda: [noop.delay() for _ in range(n)], env, lambda: runs_recorded(n))}
+    if case == "procrastinate":
+        m = peer.measure(peer_dsn, n, LOGS)
+        return {
+            "procrastinate": (m["one_rate"], m["one_dispatch_ms"] / 1000),
+            "procrastinate_batch": (m["batch_rate"], m["batch_dispatch_ms"] / 1000),
+        }
+    raise ValueError(f"unknown overhead case {case!r}")
+
+
+def machine_facts() -> dict[str, Any]:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    from celery import current_app
+
+    facts: dict[str, Any] = {"cores": os.cpu_count(), "python": sys.version.split()[0]}
+    try:
+        facts["cpu"] = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
+    except (OSError, StopIteration):
+        facts["cpu"] = "?"
+    with connection.cursor() as cursor:
+        cursor.execute("SHOW server_version")
+        facts["postgresql"] = cursor.fetchone()[0].split()[0]
+    with current_app.connection_for_write() as conn:
+        conn.ensure_connection()
+        facts["rabbitmq"] = conn.connection.server_properties.get("version", "?")
+    for dist in ("celery", "django-celery-results", "procrastinate"):
+        try:
+            facts[dist] = dist_version(dist)
+        except PackageNotFoundError:
+            facts[dist] = None
+    return facts
+
+
+def bench_overhead(n: int, rounds: int, cases: list[str]) -> dict[str, Any]:
+    """``rounds`` rounds of ``n`` no-op tasks per case, the cases taking turns within each round (the
+    order rotated from one round to the next); medians, and ratios paired round by round."""
+    from project.tasks import noop
+
+    skipped: dict[str, str] = {}
+    peer, peer_dsn = None, None
+    if "dcr" in cases and (why := prepare_dcr()):
+        skipped["dcr"] = why
+    if "procrastinate" in cases:
+        peer, peer_dsn, why = prepare_procrastinate()
+        if why:
+            skipped["procrastinate"] = skipped["procrastinate_batch"] = why
+    steps = [c for c in cases if c not in skipped]
+    samples: dict[str, list[tuple[float, float]]] = {}
+    for r in range(rounds):
+        order = steps[r % len(steps) :] + steps[: r % len(steps)]
+        for case in order:
+            for key, sample in overhead_round(case, n, peer, peer_dsn).items():
+                samples.setdefault(key, []).append(sample)
+                print(
+                    f"overhead round {r + 1}/{rounds} {key}: {sample[0]:.0f}/s, {sample[1] * 1000:.3f} ms", flush=True
+                )
+    table: dict[str, dict[str, Any]] = {}
+    for key in OVERHEAD_CASES:
+        if key not in samples:
+            continue
+        rates = [s[0] for s in samples[key]]
+        row: dict[str, Any] = {
+            "label": OVERHEAD_CASES[key],
+            "rates": rates,
+            "rate": statistics.median(rates),
+            "dispatch_ms": statistics.median(s[1] * 1000 for s in samples[key]),
+        }
+        for ref in ("plain", "dcr"):
+            if ref in samples:
+                row[f"vs_{ref}"] = statistics.median(
+                    a / b for a, b in zip(rates, [s[0] for s in samples[ref]], strict=True)
+                )
+        table[key] = row
+    targets = [
+        {"case": case, "reference": ref, "at_least": at_least, "ratio": table[case][f"vs_{ref}"]}
+        for case, ref, at_least in OVERHEAD_TARGETS
+        if case in table and f"vs_{ref}" in table[case]
+    ]
+    # Statements per run, outside the timed rounds.
     reset()
-    plain_rate, plain_dispatch = drain("plain", n, lambda: [plain_noop.apply_async() for _ in range(n)])
-    supervised_rate, supervised_dispatch = drain("supervised", n, lambda: [noop.delay() for _ in range(n)])
-    assert SupervisedRun.objects.filter(status="succeeded").count() == n
     connection.queries_log.clear()
     with CaptureQueriesContext(connection) as ctx:
         run_id = noop.delay().run_id
@@ -143,15 +310,16 @@ def bench_overhead(n: int) -> dict[str, Any]:
     with claim_ctx:
         runs.claim(run_id, 1, "bench")
         runs.finish_success(run_id, 1, "bench")
+    reset()
     return {
         "n": n,
-        "plain_rate": plain_rate,
-        "supervised_rate": supervised_rate,
-        "ratio": supervised_rate / plain_rate,
-        "plain_dispatch_ms": plain_dispatch * 1000,
-        "supervised_dispatch_ms": supervised_dispatch * 1000,
+        "rounds": rounds,
+        "cases": table,
+        "skipped": skipped,
+        "targets": targets,
+        "machine": machine_facts(),
         "dispatch_statements": dispatch_statements,
-        "claim_finish_statements": [q["sql"].split(" ", 1)[0] for q in claim_ctx.captured_queries],
+        "claim_finish_statements": [q["sql"].split()[0] for q in claim_ctx.captured_queries],
     }
 
 
@@ -589,6 +757,31 @@ def plots(results: dict[str, Any], out: Path = OUT) -> list[str]:
     import matplotlib.pyplot as plt
 
     files = []
+    if "overhead" in results:
+        rows = list(results["overhead"]["cases"].items())
+        fig, ax = plt.subplots(figsize=(8, 4.4))
+        y = range(len(rows))
+        rates = [r["rate"] for _, r in rows]
+        low = [r["rate"] - min(r["rates"]) for _, r in rows]
+        high = [max(r["rates"]) - r["rate"] for _, r in rows]
+        colours = ["#1565c0" if key in ("supervised", "strict") else "#9e9e9e" for key, _ in rows]
+        ax.barh(y, rates, xerr=[low, high], color=colours, capsize=3)
+        ax.set_yticks(list(y), [r["label"].replace("`", "") for _, r in rows], fontsize=8)
+        ax.invert_yaxis()
+        for i, (_, r) in enumerate(rows):
+            if "vs_plain" in r:
+                ax.text(max(r["rates"]), i, f"  {r['vs_plain']:.2f}× plain", va="center", fontsize=8)
+        table = results["overhead"]["cases"]
+        for (case, ref, at_least), colour in zip(OVERHEAD_TARGETS, ["#c62828", "#ef6c00", "#6a1b9a"], strict=True):
+            if case in table and ref in table:
+                label = f"target: {at_least:g}× {'plain' if ref == 'plain' else 'dcr'} ({case})"
+                ax.axvline(at_least * table[ref]["rate"], color=colour, linestyle="--", lw=1, label=label)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.4, -0.2), ncol=3, frameon=False)
+        ax.set_xlim(right=max(max(r["rates"]) for _, r in rows) * 1.35)
+        ax.set_xlabel(f"no-op tasks per second, median of {results['overhead']['rounds']} rounds (min–max)")
+        fig.tight_layout()
+        fig.savefig(out / "overhead.png", dpi=110)
+        files.append("overhead.png")
     if "recovery" in results:
         rec = results["recovery"]
         fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -675,43 +868,7 @@ def markdown(results: dict[str, Any], elapsed: float) -> str:
             lines.append(f"| {c['case']} | {c['executions_in_window']} | {c['executions_total']} | {outcome} |")
         lines.append("")
     if "overhead" in results:
-        o = results["overhead"]
-        lines += [
-            "## 2. Per-task overhead (no-op tasks, RabbitMQ, prefork concurrency 2)",
-            "",
-            "| | plain Celery | supervised | ratio |",
-            "| --- | --- | --- | --- |",
-            f"| worker throughput (tasks/s) | {o['plain_rate']:.0f} | {o['supervised_rate']:.0f} | {o['ratio']:.2f} |",
-            f"| dispatch (`.delay()`, ms) | {o['plain_dispatch_ms']:.2f} | {o['supervised_dispatch_ms']:.2f} | "
-            f"{o['supervised_dispatch_ms'] / o['plain_dispatch_ms']:.1f}× |",
-            "",
-            f"{o['n']} tasks each. Statements: dispatch {o['dispatch_statements']}; claim + finish "
-            f"{len(o['claim_finish_statements'])} ({', '.join(o['claim_finish_statements'])}). "
-            f"Target ≥ 0.8×: {'met' if o['ratio'] >= 0.8 else '**missed**'}.",
-            "",
-        ]
-        if o["ratio"] < 0.8:
-            # Per task and pool process (concurrency 2): what the two round trips cost, and the best
-            # ratio reachable while the claim stays synchronous.
-            plain_ms = 2000 / o["plain_rate"]
-            supervised_ms = 2000 / o["supervised_rate"]
-            extra = supervised_ms - plain_ms
-            best = plain_ms / (plain_ms + extra / 2)
-            lines += [
-                f"What bounds it: per task and pool process, plain Celery takes {plain_ms:.2f} ms and a "
-                f"supervised task {supervised_ms:.2f} ms; the {extra:.2f} ms more are the two synchronous round "
-                "trips to PostgreSQL (the claim, one CTE statement that also starts the attempt row; the "
-                "finish, one CTE statement), on a machine where PostgreSQL shares the two cores with the two "
-                "pool processes. The claim can't leave the task's path: no body may start before its attempt "
-                "is claimed, which is what keeps two live agents off one attempt. So even a finish written "
-                f"off the task's thread would leave one round trip: at best about {best:.2f}× on no-op tasks "
-                "here, short of 0.8×, which is why it was not done. Already cut: one statement each for "
-                "dispatch, claim and finish (was 8 with BEGIN/COMMIT), no WAL-flush wait for agent writes "
-                "(`SUPERVISOR_ASYNC_AGENT_COMMIT`), lease renewals off the task's thread in one statement per "
-                "process, no read-back at dispatch, DEBUG off. For real tasks (tens of ms and more) the fixed "
-                f"~{extra:.1f} ms is what matters, not the ratio on no-ops.",
-                "",
-            ]
+        lines += overhead_markdown(results["overhead"])
     if "sweep" in results:
         lines += [
             "## 3. Sweep scaling",
@@ -798,6 +955,61 @@ def markdown(results: dict[str, Any], elapsed: float) -> str:
     return "\n".join(lines) + "\n"
 
 
+def overhead_markdown(o: dict[str, Any]) -> list[str]:
+    m = o["machine"]
+    table = o["cases"]
+    lines = [
+        "## 2. Per-task overhead: no-op tasks, side by side with the peers",
+        "",
+        f"{o['rounds']} rounds of {o['n']:,} no-op tasks per case, the cases taking turns within each round "
+        "(the order rotated from round to round); medians. Celery cases: the queue is filled first, then one "
+        "prefork worker (concurrency 2, prefetch multiplier 1, RabbitMQ) is timed from its `ready.` line to the "
+        "last task: its last `succeeded in` line, or for supervised runs the moment the last run is recorded "
+        "`succeeded` (max `finished_at`; every run checked). Procrastinate: the jobs are deferred first, then "
+        "one worker (concurrency 2, sync no-op task) from the first job's `started` event to the last one's "
+        "`succeeded` event, in its own database on the same server. Ratios: the median of the per-round ratios.",
+        "",
+        "| | throughput (per s) | min–max | vs plain | vs dcr + track_started | dispatch per task |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in table.values():
+        vs = [f"{row[k]:.2f}×" if k in row else "-" for k in ("vs_plain", "vs_dcr")]
+        lines.append(
+            f"| {row['label']} | {row['rate']:,.0f} | {min(row['rates']):,.0f}–{max(row['rates']):,.0f} | "
+            f"{vs[0]} | {vs[1]} | {row['dispatch_ms']:.3f} ms |"
+        )
+    lines.append("")
+    for key, why in o["skipped"].items():
+        lines.append(f"- {OVERHEAD_CASES[key]}: skipped, {why}.")
+    if o["skipped"]:
+        lines.append("")
+    lines += ["Targets (issue 15, ratios of this run):", ""]
+    for t in o["targets"]:
+        verdict = "PASS" if t["ratio"] >= t["at_least"] else "**FAIL**"
+        lines.append(
+            f"- {OVERHEAD_CASES[t['case']]} ≥ {t['at_least']}× {OVERHEAD_CASES[t['reference']]}: "
+            f"{t['ratio']:.2f}× — {verdict}"
+        )
+    lines += [
+        "",
+        f"Statements per supervised run: dispatch {o['dispatch_statements']}; claim + finish (strict) "
+        f"{len(o['claim_finish_statements'])} ({', '.join(o['claim_finish_statements'])}).",
+        "",
+        f"Machine: {m['cores']} cores ({m['cpu']}), PostgreSQL {m['postgresql']}, RabbitMQ {m['rabbitmq']}, "
+        f"Python {m['python']}, Celery {m['celery']}, django-celery-results {m['django-celery-results'] or '-'}, "
+        f"Procrastinate {m['procrastinate'] or '-'}; the servers share the cores with the workers.",
+        "",
+        f"Command: `{o['command']}`",
+        "",
+        "What bounds each figure: _to be written after the measurement on a quiet machine_ — plain Celery: …; "
+        "django-celery-results with `track_started`: …; supervised (default): …; strict: …; Procrastinate: ….",
+        "",
+        "![per-task overhead](overhead.png)",
+        "",
+    ]
+    return lines
+
+
 def beat_load_markdown(cases: list[dict[str, Any]]) -> list[str]:
     def cell(stats: dict[str, float]) -> str:
         return f"{stats['median']:.2f} s ({stats['min']:.2f}–{stats['max']:.2f})"
@@ -854,16 +1066,38 @@ def main() -> None:
         default=0,
         help="beat-load: reloads timed after the start in each process (caches warm); 0 keeps the case < 90 s.",
     )
+    parser.add_argument(
+        "--overhead-rounds",
+        type=int,
+        default=int(os.environ.get("BENCH_OVERHEAD_ROUNDS", "0")) or None,
+        help="overhead: rounds, each case once per round (default 3; 2 quick; env BENCH_OVERHEAD_ROUNDS).",
+    )
+    parser.add_argument(
+        "--overhead-n",
+        type=int,
+        default=int(os.environ.get("BENCH_OVERHEAD_N", "0")) or None,
+        help="overhead: no-op tasks per case and round (default 2,000; 300 quick; env BENCH_OVERHEAD_N).",
+    )
+    parser.add_argument(
+        "--overhead-cases",
+        default=os.environ.get("BENCH_OVERHEAD_CASES", "plain,dcr,supervised,strict,procrastinate"),
+        help="overhead: the cases, comma-separated, from plain,dcr,supervised,strict,procrastinate.",
+    )
     parser.add_argument("--out", type=Path, default=OUT, help="Where results.md, results.json and plots go.")
     args = parser.parse_args()
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     only = set(args.only.split(","))
+    knobs = " ".join(f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("BENCH_"))
+    command = f"{knobs} python bench/run.py {' '.join(sys.argv[1:])}".strip()
     started = time.monotonic()
     results: dict[str, Any] = {}
     if "overhead" in only:
-        results["overhead"] = bench_overhead(300 if args.quick else 3000)
-        print("overhead", {k: v for k, v in results["overhead"].items()}, flush=True)
+        rounds = args.overhead_rounds or (2 if args.quick else 3)
+        n = args.overhead_n or (300 if args.quick else 2000)
+        results["overhead"] = bench_overhead(n, rounds, args.overhead_cases.split(","))
+        results["overhead"]["command"] = command
+        print("overhead", json.dumps(results["overhead"]["cases"], indent=1), flush=True)
     if "recovery" in only:
         results["recovery"] = bench_recovery(3 if args.quick else 20)
         print("recovery p50/p99", results["recovery"]["p50"], results["recovery"]["p99"], flush=True)

@@ -148,3 +148,9 @@ def per_customer_job(self: SupervisedTask, customer: int, seconds: float = 0.5, 
     """One run at a time per customer (``concurrency_by``); different customers run side by side."""
     time.sleep(seconds)
     _record(self, label)
+
+
+@shared_task(ignore_result=False)
+def results_noop() -> None:
+    """A plain Celery no-op whose state is kept (the bench's django-celery-results peer, ``BENCH_RESULTS=1``)."""
+    return None
