@@ -205,9 +205,10 @@ def bound_agent_sockets(seconds: Callable[[], float]) -> None:
     """
     from django.db.backends.signals import connection_created
 
-    if not _bounded:
-        _bounded.append(seconds)
-        connection_created.connect(_on_connection_created, dispatch_uid="supervisor_app.bound_sockets")
+    if _bounded:
+        return  # every connection opened since the first call was bound when it was created
+    _bounded.append(seconds)
+    connection_created.connect(_on_connection_created, dispatch_uid="supervisor_app.bound_sockets")
     fd = socket_fd()
     if fd is not None:
         value = seconds()

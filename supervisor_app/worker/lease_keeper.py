@@ -101,6 +101,8 @@ class LeaseKeeper:
     _busy_since: float | None = None
     _fd: int | None = None
     _cut: bool = False
+    #: When the keeper's next pass is due (monotonic): a new deadline before it wakes the keeper.
+    _next_pass: float = 0.0
     #: What the renewer was woken for.
     _renew_wanted: bool = False
     _flush_wanted: bool = False
@@ -136,7 +138,11 @@ class LeaseKeeper:
                 cut_body=cut_body,
             )
             self._ensure_thread()
-        self._wake.set()  # an earlier deadline than the keeper waits for: recompute its wait
+            earlier = min(since + interval, since + lease_timeout - fence_margin(lease_timeout)) < self._next_pass
+        if earlier:
+            # An earlier deadline than the keeper waits for: recompute its wait. (Not on every
+            # registration: waking a thread per task costs a context switch on the task's path.)
+            self._wake.set()
 
     def complete(self, run_id: int, attempt: int, worker: str) -> bool:
         """Queue the success of a body that returned; the renewer writes it (see the module's doc).
@@ -157,8 +163,9 @@ class LeaseKeeper:
                 self._flush_wanted = True
                 self._renew_now.set()
                 return True
-        if pending == 1:
-            self._wake.set()  # the first in the batch: the keeper's wait may be longer than the delay
+            earlier = lease.flush_at < self._next_pass
+        if earlier:
+            self._wake.set()  # the keeper waits for longer than the delay: recompute its wait
         return True
 
     def pending_completions(self) -> int:
@@ -278,6 +285,7 @@ class LeaseKeeper:
                     else:
                         nearest = min(nearest, lease.stopped_at + grace)
             busy = self._busy_since
+            self._next_pass = nearest
             self._renew_wanted = self._renew_wanted or renew
             self._flush_wanted = self._flush_wanted or flush
         if flush and busy is None:
