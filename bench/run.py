@@ -961,7 +961,7 @@ def overhead_markdown(o: dict[str, Any]) -> list[str]:
     lines = [
         "## 2. Per-task overhead: no-op tasks, side by side with the peers",
         "",
-        f"{o['rounds']} rounds of {o['n']:,} no-op tasks per case, the cases taking turns within each round "
+        f"{o['rounds']} round(s) of {o['n']:,} no-op tasks per case, the cases taking turns within each round "
         "(the order rotated from round to round); medians. Celery cases: the queue is filled first, then one "
         "prefork worker (concurrency 2, prefetch multiplier 1, RabbitMQ) is timed from its `ready.` line to the "
         "last task: its last `succeeded in` line, or for supervised runs the moment the last run is recorded "
@@ -979,11 +979,16 @@ def overhead_markdown(o: dict[str, Any]) -> list[str]:
             f"{vs[0]} | {vs[1]} | {row['dispatch_ms']:.3f} ms |"
         )
     lines.append("")
+    reasons: dict[str, list[str]] = {}
     for key, why in o["skipped"].items():
-        lines.append(f"- {OVERHEAD_CASES[key]}: skipped, {why}.")
-    if o["skipped"]:
+        reasons.setdefault(why, []).append(OVERHEAD_CASES[key])
+    for why, labels in reasons.items():
+        lines.append(f"- Skipped: {'; '.join(labels)} ({why}).")
+    if reasons:
         lines.append("")
     lines += ["Targets (issue 15, ratios of this run):", ""]
+    if not o["targets"]:
+        lines.append("- none measured: a case they compare was not run.")
     for t in o["targets"]:
         verdict = "PASS" if t["ratio"] >= t["at_least"] else "**FAIL**"
         lines.append(
