@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any, ClassVar, NamedTuple, TypeVar
@@ -115,13 +116,242 @@ def send_options(message: Message) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- sending
+#
+# ``send_task`` costs about 0.5-1 ms a message, most of it work that is the same for every message of
+# a task: the registry look-up and option merging, the router, settings read through Celery's chained
+# configuration, binding the queue to the channel to declare it. :func:`send` does that once per task
+# and routing options (a :class:`Plan`) and leaves the rest to Celery itself: ``amqp.as_task_v2``
+# builds the message, ``amqp.send_task_message`` sends it. What a worker receives is the same, header
+# for header (``tests/db/test_fast_publish.py`` compares the two, also on the wire).
+
+#: Options of a run that choose where its messages go (the router's input; ``headers`` and
+#: ``expires`` are per message).
+ROUTING_OPTIONS = ("queue", "routing_key", "exchange", "priority")
+
+
+class Plan(NamedTuple):
+    """How the messages of one task and routing options are sent, worked out once: what ``send_task``
+    does before building each message (the task's own options merged in, Celery's router), and what
+    it reads from the app's settings for each message."""
+
+    #: The options ``send_task`` hands ``amqp.send_task_message`` (routed, JSON serializer).
+    options: Mapping[str, Any]
+    #: The entities to declare before publishing (as ``send_task_message`` would choose them).
+    declare: tuple[Any, ...]
+    time_limit: Any
+    soft_time_limit: Any
+    #: The task's own ``expires`` (a run that keeps none publishes with it, as ``send_task`` did).
+    expires: Any
+    repr_maxlevels: int
+    send_sent_event: bool
+    inherit_parent_priority: bool
+    protocol: int
+
+
+#: Plans of each app's router, by (task name, routing options); only for routers whose answer does
+#: not depend on a message's arguments (``task_routes`` maps and globs). Dropped with the router.
+_plans: weakref.WeakKeyDictionary[Any, dict[tuple[Any, ...], Plan]] = weakref.WeakKeyDictionary()
+_PLANS_MAX = 1024
+
+
+def _routes_are_static(router: Any) -> bool:
+    from celery.app.routes import MapRoute
+
+    return all(isinstance(route, MapRoute) for route in router.routes)
+
+
+def plan_for(app: Any, message: Message) -> Plan | None:
+    """The :class:`Plan` of a message: from the run's routing options, the task's own options (its
+    registry entry, as ``send_task`` merges them) and Celery's router; cached per router when the
+    routes are static, worked out for each message when a router function may look at arguments.
+    None when the app sends another task protocol than 2 (``send_task`` then builds the message)."""
+    router = app.amqp.router
+    routing = tuple((name, message.options.get(name)) for name in ROUTING_OPTIONS)
+    if _routes_are_static(router):
+        cache = _plans.setdefault(router, {})
+        key = (message.task_name, routing)
+        plan = cache.get(key)
+        if plan is None:
+            if len(cache) >= _PLANS_MAX:
+                cache.clear()
+            plan = cache[key] = _make_plan(app, message.task_name, dict(routing), (), {})
+    else:
+        plan = _make_plan(app, message.task_name, dict(routing), message.args or (), message.kwargs or {})
+    return plan if plan.protocol == 2 else None
+
+
+def _make_plan(app: Any, name: str, routing: dict[str, Any], args: Any, kwargs: Any) -> Plan:
+    """``send_task``'s work before it builds a message, for our messages (no countdown, no eta)."""
+    from kombu.common import Broadcast
+
+    amqp, conf = app.amqp, app.conf
+    options: dict[str, Any] = {k: v for k, v in routing.items() if v is not None}
+    task_type = app._tasks.get(name)
+    get_exec_options = getattr(task_type, "_get_exec_options", None)
+    if callable(get_exec_options):
+        defaults = {k: v for k, v in (get_exec_options() or {}).items() if v is not None}
+        options = {**defaults, **options}
+    time_limit = options.pop("time_limit", None)
+    soft_time_limit = options.pop("soft_time_limit", None)
+    expires = options.pop("expires", None)
+    options.pop("ignore_result", None)
+    # Whatever the app's task_serializer: a run's arguments are stored as JSON and travel as JSON,
+    # never pickle (a worker accepting pickle would run code from anyone who can publish).
+    options["serializer"] = "json"
+    options["retry"] = True
+    options["retry_policy"] = RETRY_POLICY
+    options = amqp.router.route(options, name, args, kwargs, task_type)
+    # The queue send_task_message declares; bound to each producer's channel once (_declare).
+    queue = options.get("queue")
+    if queue is None and options.get("exchange") is None:
+        queue = amqp.default_queue
+    if isinstance(queue, str):
+        queue = amqp.queues[queue]
+    declare = options.get("declare")
+    if declare is None:
+        declare = [queue] if queue and not isinstance(queue, Broadcast) else []
+    return Plan(
+        options={k: v for k, v in options.items() if k != "declare"},
+        declare=tuple(declare),
+        time_limit=time_limit,
+        soft_time_limit=soft_time_limit,
+        expires=expires,
+        repr_maxlevels=conf.task_repr_maxlevels,
+        send_sent_event=bool(conf.task_send_sent_event),
+        inherit_parent_priority=bool(conf.task_inherit_parent_priority),
+        protocol=int(conf.task_protocol),
+    )
+
+
+#: Entities to declare, bound once to each producer channel: kombu's ``maybe_declare`` copies an
+#: unbound queue and its exchange to bind them, at every publish (a third of its cost).
+_bound: weakref.WeakKeyDictionary[Any, dict[Any, Any]] = weakref.WeakKeyDictionary()
+
+
+def _declare(producer: Any, plan: Plan) -> list[Any]:
+    if not plan.declare:
+        return []
+    channel = producer.channel
+    try:
+        bound = _bound.setdefault(channel, {})
+    except TypeError:  # a channel that can't be weakly referenced: as kombu does it
+        return list(plan.declare)
+    out = []
+    for entity in plan.declare:
+        copy = bound.get(entity)
+        if copy is None:
+            copy = bound[entity] = entity if entity.is_bound else entity.bind(channel)
+        out.append(copy)
+    return out
+
+
+def _repr(value: Any, maxsize: int, maxlevels: int) -> str:
+    from celery.utils.saferepr import saferepr
+
+    if not value:  # what saferepr says of (), [] and {}, without its machinery
+        return "()" if isinstance(value, tuple) else ("[]" if isinstance(value, list) else "{}")
+    return str(saferepr(value, maxsize, maxlevels=maxlevels))
+
+
+#: This process's ``origin`` header (``anon_nodename()``), by process id (a forked worker has its own).
+_origin: dict[int, str] = {}
+
+
+def _origin_header() -> str:
+    import os
+
+    from celery.utils.nodenames import anon_nodename
+
+    pid = os.getpid()
+    name = _origin.get(pid)
+    if name is None:
+        name = _origin[pid] = str(anon_nodename())
+    return name
+
+
+def _expiry(app: Any, value: Any) -> tuple[Any, float | None]:
+    """A message's ``expires`` (for its header) and its broker TTL in seconds, as ``send_task``
+    computes them (a TTL in the past is 0: the broker drops it unless a consumer takes it at once)."""
+    if value is None:
+        return None, None
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    ttl = (value - app.now()).total_seconds() if isinstance(value, datetime) else float(value)
+    if ttl < 0:
+        logger.warning("a message's expiry (%s) is in the past; sent with a TTL of 0", value)
+        ttl = 0
+    return value, ttl
 
 
 def send(message: Message, producer: Any = None) -> None:
-    """Publish one attempt (raises when the broker cannot be reached)."""
+    """Publish one attempt (raises when the broker cannot be reached).
+
+    The message is ``send_task``'s: built by Celery's ``amqp.as_task_v2`` and sent by its
+    ``amqp.send_task_message`` (``before/after_task_publish`` signals, ``task_send_sent_event``), as
+    JSON, routed by Celery's router, with the run and attempt headers. What ``send_task`` works out
+    anew for every message (the task's options, the route, settings read through Celery's chained
+    configuration, the queue's declaration bound to the channel) comes from a :class:`Plan` made once
+    per task and routing options. Without a producer, one is borrowed from the app's pool.
+    """
     from celery import current_app
 
-    current_app.send_task(
+    app: Any = current_app._get_current_object()  # type: ignore[attr-defined]
+    plan = plan_for(app, message)
+    if plan is None:
+        _send_task(app, message, producer)
+        return
+    if producer is None:
+        with app.producer_or_acquire(None) as borrowed:
+            send(message, borrowed)
+        return
+    amqp = app.amqp
+    task_id, name = message.task_id, message.task_name
+    args, kwargs = message.args or (), message.kwargs or {}
+    kept = message.options
+    expires, ttl = _expiry(app, kept["expires"] if kept.get("expires") is not None else plan.expires)
+    options: dict[str, Any] = dict(plan.options)
+    if ttl is not None:
+        options["expiration"] = ttl
+    root_id = parent_id = None
+    parent = app.current_worker_task
+    if parent:
+        root_id = parent.request.root_id or parent.request.id
+        parent_id = parent.request.id
+        if plan.inherit_parent_priority:
+            options.setdefault("priority", parent.request.delivery_info.get("priority"))
+    built = amqp.as_task_v2(
+        task_id,
+        name,
+        args,
+        kwargs,
+        expires=expires,
+        reply_to=app.thread_oid,
+        time_limit=plan.time_limit,
+        soft_time_limit=plan.soft_time_limit,
+        create_sent_event=plan.send_sent_event,
+        root_id=root_id,
+        parent_id=parent_id,
+        ignore_result=None,
+        argsrepr=_repr(args, amqp.argsrepr_maxsize, plan.repr_maxlevels),
+        kwargsrepr=_repr(kwargs, amqp.kwargsrepr_maxsize, plan.repr_maxlevels),
+        origin=_origin_header(),
+    )
+    app.backend.on_task_call(producer, task_id)
+    amqp.send_task_message(
+        producer,
+        name,
+        built,
+        headers={**(kept.get("headers") or {}), HEADER_RUN: message.run_id, HEADER_ATTEMPT: message.attempt},
+        declare=_declare(producer, plan),  # a new list: kombu appends to it
+        **options,
+    )
+    if parent:
+        parent.add_trail(app.AsyncResult(task_id))
+
+
+def _send_task(app: Any, message: Message, producer: Any) -> None:
+    """Celery's own ``send_task``: for an app configured for another task protocol than 2."""
+    app.send_task(
         message.task_name,
         args=message.args,
         kwargs=message.kwargs,
@@ -129,8 +359,6 @@ def send(message: Message, producer: Any = None) -> None:
         retry=True,
         retry_policy=RETRY_POLICY,
         producer=producer,
-        # Whatever the app's task_serializer: a run's arguments are stored as JSON and travel as
-        # JSON, never pickle (a worker accepting pickle would run code from anyone who can publish).
         serializer="json",
         **send_options(message),
     )

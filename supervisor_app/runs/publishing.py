@@ -42,6 +42,14 @@ def publish_on_commit(run: SupervisedRun, attempt: int, task_id: str, publisher:
     transaction.on_commit(lambda: publisher.publish(msg), using=router.db_for_write(SupervisedRun))
 
 
+def publish_many_on_commit(messages: Sequence[Message], publisher: RunPublisher) -> None:
+    """Publish attempts once the surrounding transaction commits, all in one go through ``publisher``
+    (one producer; after a broker failure the rest are recorded unsent together)."""
+    if messages:
+        batch = list(messages)
+        transaction.on_commit(lambda: publisher.publish_many(batch), using=router.db_for_write(SupervisedRun))
+
+
 def publish_batch_on_commit(messages: Sequence[Message]) -> None:
     """Publish new runs after commit, through one producer."""
 

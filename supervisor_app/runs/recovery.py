@@ -33,7 +33,7 @@ from ..db import after, db_now, update_returning
 from ..models import RunAttempt, SupervisedRun
 from . import rows
 from .notify import send_many_on_commit, send_on_commit
-from .publishing import RunPublisher, publish_on_commit
+from .publishing import RunPublisher, message, publish_many_on_commit, publish_on_commit
 
 logger = logging.getLogger("supervisor_app")
 
@@ -127,8 +127,7 @@ def recover_lost_batch(
     RunAttempt.objects.bulk_create(
         [RunAttempt(run_id=row["id"], number=row["attempt"], task_id=row["task_id"]) for row in requeued]
     )
-    for row in requeued:
-        publish_on_commit(by_id[row["id"]], row["attempt"], row["task_id"], publisher)
+    publish_many_on_commit([message(by_id[row["id"]], row["attempt"], row["task_id"]) for row in requeued], publisher)
     send_many_on_commit(signals.run_recovered, {row["id"]: {"lost_attempt": row["attempt"] - 1} for row in requeued})
     send_many_on_commit(
         signals.run_dead,
