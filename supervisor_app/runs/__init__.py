@@ -17,7 +17,7 @@ times come from the database (``Now()``), never from the caller.
 
 from ..core.policies import RunPolicy
 from .concurrency import release_waiters, wait_for_slot, waiting_keys
-from .dispatch import SlotRun, check_json, create_run, create_slot_runs
+from .dispatch import Dispatched, SlotRun, check_json, create_run, create_runs, create_slot_runs
 from .leases import (
     Claim,
     LeaseState,
@@ -38,6 +38,7 @@ from .retention import prune_runs
 
 __all__ = [
     "Claim",
+    "Dispatched",
     "LeaseState",
     "RunPolicy",
     "RunPublisher",
@@ -45,6 +46,7 @@ __all__ = [
     "check_json",
     "claim",
     "create_run",
+    "create_runs",
     "create_slot_runs",
     "dispatch_retry",
     "finish_cancelled",

@@ -12,7 +12,7 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 from django.db import IntegrityError, connections, router, transaction
 from django.db.models import DateTimeField, Model
@@ -31,18 +31,22 @@ from . import unique
 from .publishing import publish_batch_on_commit
 
 
-def check_json(task_name: str, args: Any, kwargs: Any) -> None:
-    """Refuse arguments that would not survive the JSON round trip, before anything is recorded."""
+def check_json(task_name: str, args: Any, kwargs: Any, where: str = "", limit: Any = False) -> None:
+    """Refuse arguments that would not survive the JSON round trip, before anything is recorded.
+    ``where`` names the call in the message (``"call 3 of dispatch_many"``); ``limit``: the
+    ``SUPERVISOR_MAX_ARGS_BYTES`` value when the caller read it already."""
+    label = f"{task_name} ({where})" if where else task_name
     try:
         encoded = json.dumps([args, kwargs], allow_nan=False)
     except (TypeError, ValueError) as exc:
-        raise TypeError(f"{task_name}: arguments of a supervised task must be JSON-serialisable ({exc})") from exc
-    limit = supervisor_settings.MAX_ARGS_BYTES
+        raise TypeError(f"{label}: arguments of a supervised task must be JSON-serialisable ({exc})") from exc
+    if limit is False:
+        limit = supervisor_settings.MAX_ARGS_BYTES
     if limit is not None:
         size = len(encoded.encode())
         if size > limit:
             raise ValueError(
-                f"{task_name}: arguments are {size} bytes of JSON, over SUPERVISOR_MAX_ARGS_BYTES ({limit}); "
+                f"{label}: arguments are {size} bytes of JSON, over SUPERVISOR_MAX_ARGS_BYTES ({limit}); "
                 "pass a reference (a primary key, a file name) instead of the data"
             )
 
@@ -247,32 +251,223 @@ def _insert_slots(chunk: Sequence[SlotRun], fields: list[Any], using: str) -> li
     return [(pk, by_key[(task_id, convert(field, raw, SupervisedRun, conn))]) for pk, task_id, raw in returned]
 
 
-def _unnest_insert(rows: Sequence[Mapping[str, Any]], fields: list[Any], conn: Any) -> tuple[str, list[Any]]:
+def _unnest_insert(
+    rows: Sequence[Mapping[str, Any]],
+    fields: list[Any],
+    conn: Any,
+    shared: Mapping[str, Any] | None = None,
+    next_check: timedelta | None = None,
+) -> tuple[str, list[Any]]:
     """PostgreSQL: ``INSERT … SELECT … FROM unnest(<one array per column>)``.
 
     About twenty parameters whatever the number of rows, and no model instance per row: building a
     500-row VALUES list costs far more than inserting it. Every column of the model is written, each
-    value prepared by its field as the ORM's insert does (defaults and ``auto_now_add`` included);
-    ``next_check_at`` is ``now() + start_timeout`` on the database's clock, as in create_run.
+    value prepared by its field as the ORM's insert does (defaults and ``auto_now_add`` included).
+    A column in ``shared`` has that one value in every row: one parameter, not an array (a bulk
+    dispatch varies only its arguments). ``next_check_at`` is ``now() + next_check`` (default: each
+    row's ``start_timeout``) on the database's clock, as in create_run.
     """
     qn = conn.ops.quote_name
     now = timezone.now()
-    columns, selected, arrays = [], [], []
+    shared = shared or {}
+    columns, selected, scalars, arrays = [], [], [], []
     for field in fields:
         column = qn(field.column)
         columns.append(column)
         if field.name == "next_check_at":
-            selected.append(f"STATEMENT_TIMESTAMP() + u.{qn('start_timeout')}")
+            if next_check is not None:
+                selected.append("STATEMENT_TIMESTAMP() + %s::interval")
+                scalars.append(next_check)
+            elif "start_timeout" in shared:
+                selected.append("STATEMENT_TIMESTAMP() + %s::interval")
+                scalars.append(shared["start_timeout"])
+            else:
+                selected.append(f"STATEMENT_TIMESTAMP() + u.{qn('start_timeout')}")
             continue
-        if field.attname in rows[0]:
-            values = [field.get_db_prep_save(row[field.attname], conn) for row in rows]
-        else:
-            default = now if getattr(field, "auto_now_add", False) else field.get_default()
-            values = [field.get_db_prep_save(default, conn)] * len(rows)
+        if field.attname in shared or field.attname not in rows[0]:
+            if field.attname in shared:
+                value = shared[field.attname]
+            else:
+                value = now if getattr(field, "auto_now_add", False) else field.get_default()
+            selected.append(f"%s::{field.db_type(conn)}")
+            scalars.append(field.get_db_prep_save(value, conn))
+            continue
+        values = [field.get_db_prep_save(row[field.attname], conn) for row in rows]
         arrays.append((column, f"%s::{field.db_type(conn)}[]", values))
         selected.append(f"u.{column}")
+    if not arrays:  # every column shared: unnest one array anyway, for the number of rows
+        arrays.append(("n", "%s::int[]", list(range(len(rows)))))
     sql = (
         f"INSERT INTO {qn(SupervisedRun._meta.db_table)} ({', '.join(columns)}) SELECT {', '.join(selected)}"
         f" FROM unnest({', '.join(cast_ for _, cast_, _ in arrays)}) AS u({', '.join(c for c, _, _ in arrays)})"
     )
-    return sql, [values for _, _, values in arrays]
+    return sql, scalars + [values for _, _, values in arrays]
+
+
+# --------------------------------------------------------------------------- bulk dispatch
+
+#: Rows per statement of a bulk dispatch on PostgreSQL (each statement's arrays are built in memory).
+BULK_BATCH_SIZE = 5000
+
+
+class Dispatched(NamedTuple):
+    """What a bulk dispatch returns per call: the run that holds it and its handle (attempt 1's task
+    id); ``deduplicated``: a unique run that held the call's key already (nothing recorded)."""
+
+    run_id: int
+    task_id: str
+    deduplicated: bool = False
+
+
+def create_runs(
+    task_name: str,
+    calls: Sequence[tuple[Sequence[Any] | None, Mapping[str, Any] | None]],
+    policy: RunPolicy,
+    *,
+    options: Mapping[str, Any] | None = None,
+    countdown: float | None = None,
+    unique_keys: Sequence[str | None] | None = None,
+    unique_for: float | None = None,
+    batch_size: int = BULK_BATCH_SIZE,
+) -> list[Dispatched]:
+    """Record many ad-hoc runs of one task, each as :func:`create_run` would, and after commit publish
+    them through one producer.
+
+    Every call is checked (``check_json``) before anything is written: one bad call refuses the
+    whole dispatch, naming the call. The options (kept once: one absolute expiry for every run), the
+    policy and ``countdown`` are shared. On PostgreSQL the runs go in one ``INSERT … SELECT … FROM
+    unnest(…) RETURNING id`` per ``batch_size`` rows, in the caller's transaction (or one of their
+    own: all or nothing); a backend that can return rows from a bulk insert gets a multi-row
+    ``INSERT … RETURNING``; any other, :func:`create_run` per call. A call with a unique key (in
+    ``unique_keys``, in call order) is recorded by :func:`create_run` on its own (one insert, or the
+    holder's id, ``deduplicated``), as ``apply_async`` would. Returns one :class:`Dispatched` per
+    call, in call order.
+    """
+    limit = supervisor_settings.MAX_ARGS_BYTES
+    prepared: list[tuple[list[Any], dict[str, Any]]] = []
+    for index, call in enumerate(calls):
+        args, kwargs = _call(task_name, index, call)
+        check_json(task_name, args, kwargs, where=f"call {index} of dispatch_many", limit=limit)
+        prepared.append((args, kwargs))
+    if unique_keys is not None and len(unique_keys) != len(prepared):
+        raise ValueError(f"{task_name}: {len(unique_keys)} unique keys for {len(prepared)} calls")
+    kept = run_options(options)
+    delay = countdown or 0.0
+    publish = not delay
+    using = router.db_for_write(SupervisedRun)
+    conn = connections[using]
+    out: list[Dispatched | None] = [None] * len(prepared)
+    plain = [i for i in range(len(prepared)) if unique_keys is None or unique_keys[i] is None]
+    with transaction.atomic(using=using, savepoint=False):
+        for index in range(len(prepared)) if unique_keys is not None else ():
+            key = unique_keys[index]  # type: ignore[index]
+            if key is None:
+                continue
+            args, kwargs = prepared[index]
+            run = create_run(
+                task_name,
+                args,
+                kwargs,
+                policy,
+                options=kept,
+                countdown=countdown,
+                publish=False,
+                unique_key=key,
+                unique_for=unique_for,
+            )
+            assert run is not None  # only schedule slots can be refused
+            out[index] = Dispatched(run.pk, run.task_id, run.deduplicated)
+        shared = dict(
+            task_name=task_name,
+            options=kept,
+            status=RunStatus.QUEUED,
+            publish_count=0 if delay else 1,  # optimistic, as in create_run
+            **_queued_values(policy),
+        )
+        next_check = timedelta(seconds=delay or policy.start_timeout)
+        if conn.vendor == "postgresql":
+            insert = _insert_unnest
+        elif conn.features.can_return_rows_from_bulk_insert:
+            insert = _insert_values
+        else:
+            insert = _insert_each
+        size = batch_size if conn.vendor == "postgresql" else _values_batch_size(conn)
+        for start in range(0, len(plain), size):
+            chunk = plain[start : start + size]
+            ids = insert([prepared[i] for i in chunk], shared, next_check, using)
+            for index, pk in zip(chunk, ids, strict=True):
+                out[index] = Dispatched(pk, first_task_id(pk))
+        if publish:
+            messages = [
+                Message(d.run_id, 1, task_name, prepared[i][0], prepared[i][1], kept, d.task_id)
+                for i, d in enumerate(out)
+                if d is not None and not d.deduplicated
+            ]
+            if messages:
+                publish_batch_on_commit(messages)
+    return [d for d in out if d is not None]
+
+
+def _call(task_name: str, index: int, call: Any) -> tuple[list[Any], dict[str, Any]]:
+    """One ``(args, kwargs)`` pair of a bulk dispatch, as lists and dicts."""
+    try:
+        args, kwargs = call
+    except (TypeError, ValueError):
+        raise TypeError(
+            f"{task_name}: call {index} of dispatch_many must be an (args, kwargs) pair, not {call!r}"
+        ) from None
+    if args is not None and (isinstance(args, str | bytes | Mapping) or not isinstance(args, Sequence)):
+        raise TypeError(f"{task_name}: call {index} of dispatch_many: args must be a list or tuple, not {args!r}")
+    if kwargs is not None and not isinstance(kwargs, Mapping):
+        raise TypeError(f"{task_name}: call {index} of dispatch_many: kwargs must be a mapping, not {kwargs!r}")
+    return list(args or []), dict(kwargs or {})
+
+
+def _bulk_fields() -> list[Any]:
+    meta = SupervisedRun._meta
+    return [f for f in meta.local_concrete_fields if f is not meta.pk]
+
+
+def _insert_unnest(
+    calls: Sequence[tuple[list[Any], dict[str, Any]]], shared: Mapping[str, Any], next_check: timedelta, using: str
+) -> list[int]:
+    conn = connections[using]
+    rows = [{"args": args, "kwargs": kwargs} for args, kwargs in calls]
+    sql, params = _unnest_insert(rows, _bulk_fields(), conn, shared=shared, next_check=next_check)
+    with conn.cursor() as cursor:
+        cursor.execute(f"{sql} RETURNING {conn.ops.quote_name('id')}", params)
+        return [int(pk) for (pk,) in cursor.fetchall()]
+
+
+def _values_batch_size(conn: Any) -> int:
+    """Rows per multi-row ``VALUES`` statement: as many as the backend's parameter limit allows."""
+    return max(1, min(1000, conn.ops.bulk_batch_size(_bulk_fields(), [None] * 1000)))
+
+
+def _insert_values(
+    calls: Sequence[tuple[list[Any], dict[str, Any]]], shared: Mapping[str, Any], next_check: timedelta, using: str
+) -> list[int]:
+    """A multi-row ``INSERT … VALUES … RETURNING id`` (SQLite ≥ 3.35 and others)."""
+    conn = connections[using]
+    objs: list[Model] = [
+        SupervisedRun(args=args, kwargs=kwargs, next_check_at=after(next_check), **shared) for args, kwargs in calls
+    ]
+    query = InsertQuery(SupervisedRun)
+    query.insert_values(_bulk_fields(), objs)
+    [(sql, params)] = query.get_compiler(using=using).as_sql()
+    with conn.cursor() as cursor:
+        cursor.execute(f"{sql} RETURNING {conn.ops.quote_name('id')}", params)
+        return [int(pk) for (pk,) in cursor.fetchall()]
+
+
+def _insert_each(
+    calls: Sequence[tuple[list[Any], dict[str, Any]]], shared: Mapping[str, Any], next_check: timedelta, using: str
+) -> list[int]:
+    """One ``INSERT`` per run: a backend that can't return the ids of a multi-row insert."""
+    ids = []
+    for args, kwargs in calls:
+        run = SupervisedRun.objects.using(using).create(
+            args=args, kwargs=kwargs, next_check_at=after(next_check), **shared
+        )
+        ids.append(run.pk)
+    return ids

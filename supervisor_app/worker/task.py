@@ -177,6 +177,54 @@ class SupervisedTask(Task):  # type: ignore[misc]
             return None
         return unique.arguments_key(self.run, self.unique_by, args, kwargs)
 
+    def dispatch_many(self, calls: Any, **options: Any) -> list[Any]:
+        """Fan-out: record one run per ``(args, kwargs)`` pair of ``calls`` and publish them after the
+        surrounding transaction commits, through one producer. Returns their handles, in order.
+
+        Each call behaves as ``apply_async(args, kwargs, **options)`` would (the same policy,
+        options, ``countdown``, ``unique_key``/``unique_by`` and ``unique_for``), but the runs are
+        recorded together: one multi-row ``INSERT`` per 5,000 runs on PostgreSQL (unique calls are
+        inserted one by one, to find each key's holder). Every call's arguments are checked before
+        anything is recorded: a call that is not JSON (or over ``SUPERVISOR_MAX_ARGS_BYTES``) raises
+        ``TypeError`` (``ValueError``) naming its index, and nothing of the batch is recorded. The
+        batch is all or nothing: in the caller's transaction, or in one of its own.
+        """
+        given_key, window = options.pop("unique_key", None), options.pop("unique_for", self.unique_for)
+        pairs = list(calls)
+        if self.app.conf.task_always_eager:
+            return [self.apply_async(args, kwargs, unique_key=given_key, **options) for args, kwargs in pairs]
+        for name in ("link", "link_error", "task_id", "producer", "shadow"):
+            if options.get(name) is not None:
+                raise NotImplementedError(f"dispatch_many does not take {name}=")
+        if options.get("eta") is not None:
+            raise NotImplementedError("use countdown= with supervised tasks; eta is not supported")
+        keys = None
+        if given_key is not None or self.unique_by is not None:
+            keys = [self.unique_key_for(*self._pair(i, pair), given=given_key) for i, pair in enumerate(pairs)]
+        created = runs.create_runs(
+            self.name,
+            pairs,
+            self.run_policy(),
+            options=options,
+            countdown=options.get("countdown"),
+            unique_keys=keys,
+            unique_for=unique.window_seconds(window),
+        )
+        results = []
+        for one in created:
+            result = self.AsyncResult(one.task_id)
+            setattr(result, "run_id", one.run_id)  # noqa: B010
+            setattr(result, "deduplicated", one.deduplicated)  # noqa: B010
+            results.append(result)
+        return results
+
+    def _pair(self, index: int, pair: Any) -> tuple[Any, Any]:
+        try:
+            args, kwargs = pair
+        except (TypeError, ValueError):
+            raise TypeError(f"{self.name}: call {index} of dispatch_many must be an (args, kwargs) pair") from None
+        return args, kwargs
+
     # ------------------------------------------------------------------ execution
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:

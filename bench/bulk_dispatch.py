@@ -1,0 +1,164 @@
+"""Bulk dispatch: ``SupervisedTask.dispatch_many`` next to ``.delay()`` one at a time, on this machine.
+
+    python bench/bulk_dispatch.py [-n 10000] [--delay-n 1000] [--rounds 3]
+
+Each round records ``n`` no-op runs with one ``dispatch_many`` call (one multi-row INSERT per 5,000
+runs, in one transaction) and times it until the transaction has committed and every message has
+been handed to the broker (the publish runs in ``on_commit``, through one producer); then the queue is
+checked to hold ``n`` messages and the table ``n`` runs. ``.delay()`` is timed on ``--delay-n`` runs,
+one at a time as a caller outside any transaction would dispatch them, for the per-run comparison.
+Prints the figures (medians over the rounds) and a Markdown table.
+
+PostgreSQL and RabbitMQ on loopback, as ``make bench``. BENCH_DB (default ``supervisor_bench_bulk``,
+dropped and created anew) and BENCH_QUEUE (default ``supervisor-bench-bulk``) keep it apart from
+``make bench``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+BENCH_DB = os.environ.get("BENCH_DB", "supervisor_bench_bulk")
+PG = "postgres://postgres@127.0.0.1:5432"
+QUEUE = os.environ.get("BENCH_QUEUE", "supervisor-bench-bulk")
+os.environ.update(
+    DATABASE_URL=f"{PG}/{BENCH_DB}",
+    CELERY_BROKER_URL=os.environ.get("BENCH_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//"),
+    CELERY_TASK_DEFAULT_QUEUE=QUEUE,
+    DJANGO_SETTINGS_MODULE="project.settings",
+    SUPERVISOR_LOG_LEVEL="WARNING",
+)
+
+
+def fresh_database() -> None:
+    import psycopg
+
+    with psycopg.connect(f"{PG}/postgres", autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{BENCH_DB}" WITH (FORCE)')
+        conn.execute(f'CREATE DATABASE "{BENCH_DB}"')
+
+
+def queue(purge: bool = False) -> int:
+    from celery import current_app
+
+    with current_app.connection_for_write() as conn:
+        bound = current_app.amqp.queues[QUEUE](conn.default_channel)
+        bound.declare()
+        depth = int(bound.queue_declare(passive=True).message_count)
+        if purge:
+            bound.purge()
+    return depth
+
+
+def reset() -> None:
+    from django.db import connection
+
+    from supervisor_app.models import RunAttempt, SupervisedRun
+
+    with connection.cursor() as cursor:
+        for model in (RunAttempt, SupervisedRun):
+            cursor.execute(f"DELETE FROM {model._meta.db_table}")
+        cursor.execute(f"VACUUM ANALYZE {SupervisedRun._meta.db_table}")
+    queue(purge=True)
+
+
+def wait_for_depth(n: int, timeout: float = 60.0) -> int:
+    """RabbitMQ counts a published message a moment after the client wrote it."""
+    deadline = time.monotonic() + timeout
+    depth = queue()
+    while depth < n and time.monotonic() < deadline:
+        time.sleep(0.05)
+        depth = queue()
+    return depth
+
+
+def bulk_round(n: int) -> dict[str, float]:
+    from django.db import transaction
+
+    from project.tasks import slow_job
+    from supervisor_app.models import SupervisedRun
+
+    reset()
+    calls = [([1], {"step_seconds": 0.0, "label": f"bulk-{i}"}) for i in range(n)]
+    t = time.perf_counter()
+    with transaction.atomic():
+        handles = slow_job.dispatch_many(calls)
+        recorded = time.perf_counter()
+    done = time.perf_counter()  # committed, and every message handed to the broker (on_commit)
+    assert len(handles) == n and len({h.run_id for h in handles}) == n
+    assert SupervisedRun.objects.filter(status="queued", publish_count=1).count() == n
+    depth = wait_for_depth(n)
+    assert depth == n, f"{depth} messages in the queue, {n} expected"
+    return {"total": done - t, "record": recorded - t, "publish": done - recorded}
+
+
+def delay_round(n: int) -> float:
+    from project.tasks import slow_job
+
+    reset()
+    t = time.perf_counter()
+    for i in range(n):
+        slow_job.delay(1, step_seconds=0.0, label=f"one-{i}")
+    elapsed = time.perf_counter() - t
+    depth = wait_for_depth(n)
+    assert depth == n, f"{depth} messages in the queue, {n} expected"
+    return elapsed / n
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("-n", type=int, default=10_000, help="Runs per dispatch_many call.")
+    parser.add_argument("--delay-n", type=int, default=1000, help="Runs dispatched one .delay() at a time.")
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+
+    fresh_database()
+    import django
+
+    django.setup()
+    from django.core.management import call_command
+
+    call_command("migrate", verbosity=0)
+    queue(purge=True)
+    bulk_round(100)  # warm: connections, the producer pool, the publish plan
+
+    rounds = [bulk_round(args.n) for _ in range(args.rounds)]
+    med = {k: statistics.median(r[k] for r in rounds) for k in ("total", "record", "publish")}
+    per_delay = statistics.median(delay_round(args.delay_n) for _ in range(args.rounds))
+    reset()
+    result: dict[str, Any] = {
+        "n": args.n,
+        "rounds": [{k: round(v, 3) for k, v in r.items()} for r in rounds],
+        "bulk_seconds": round(med["total"], 3),
+        "record_seconds": round(med["record"], 3),
+        "publish_seconds": round(med["publish"], 3),
+        "delay_ms_each": round(per_delay * 1000, 3),
+    }
+    print(result, flush=True)
+    ok = "met" if med["total"] < 1.5 else "**missed**"
+    print(
+        "\n".join(
+            [
+                f"| runs | dispatch_many (recorded + published) | of which INSERT | of which publish "
+                f"| per run | `.delay()` per run (x{args.delay_n}) |",
+                "| --- | --- | --- | --- | --- | --- |",
+                f"| {args.n:,} | {med['total']:.2f} s | {med['record']:.2f} s | {med['publish']:.2f} s "
+                f"| {med['total'] / args.n * 1000:.3f} ms | {per_delay * 1000:.2f} ms |",
+                "",
+                f"Target: {args.n:,} runs recorded and published in < 1.5 s: {ok} "
+                f"(median of {args.rounds} rounds; each round checked: {args.n:,} queued runs, {args.n:,} messages).",
+            ]
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

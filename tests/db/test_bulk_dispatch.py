@@ -1,0 +1,187 @@
+"""Bulk dispatch (``SupervisedTask.dispatch_many``): many runs in one multi-row statement, published
+after commit through one producer, each as ``apply_async`` would record it; and ``.delay()`` inside a
+caller's transaction adds no commit, no savepoint and no publish before that commit."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from django.db import connection, transaction
+from django.test.utils import CaptureQueriesContext
+
+from project.tasks import noop, slow_job
+from supervisor_app import broker
+from supervisor_app.core.states import RunStatus
+from supervisor_app.models import SupervisedRun
+from supervisor_app.tasks import SupervisedTask
+
+pytestmark = pytest.mark.django_db(transaction=False)
+
+
+def inserts(ctx: CaptureQueriesContext) -> list[str]:
+    return [q["sql"] for q in ctx.captured_queries if q["sql"].lstrip().upper().startswith("INSERT")]
+
+
+def test_many_runs_are_recorded_in_one_statement_and_published_after_commit_through_one_publisher(
+    sent: list[Any], django_capture_on_commit_callbacks: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from supervisor_app.runs import publishing
+
+    publishers: list[Any] = []
+    real_init = publishing.RunPublisher.__init__
+
+    def init(self: Any) -> None:
+        publishers.append(self)
+        real_init(self)
+
+    monkeypatch.setattr(publishing.RunPublisher, "__init__", init)
+    calls = [([i], {"step_seconds": 0.0, "label": f"n{i}"}) for i in range(300)]
+    with django_capture_on_commit_callbacks(execute=False) as callbacks, CaptureQueriesContext(connection) as ctx:
+        handles = slow_job.dispatch_many(calls)
+        assert sent == []  # nothing before the commit
+    if connection.vendor == "postgresql":
+        assert len(inserts(ctx)) == 1, inserts(ctx)
+    else:  # a multi-row VALUES per parameter-limit's worth of rows
+        assert len(inserts(ctx)) < 300 / 10
+    assert len(callbacks) == 1
+    callbacks[0]()
+    assert len(publishers) == 1 and publishers[0].sent == 300
+    ids = [h.run_id for h in handles]
+    assert [h.id for h in handles] == [f"{pk}.1" for pk in ids] and not any(h.deduplicated for h in handles)
+    assert [run_id for run_id, attempt, _ in sent] == ids and {a for _, a, _ in sent} == {1}
+    rows = {r.pk: r for r in SupervisedRun.objects.filter(pk__in=ids)}
+    assert [rows[pk].args for pk in ids] == [[i] for i in range(300)]
+    assert rows[ids[7]].kwargs == {"step_seconds": 0.0, "label": "n7"}
+
+
+def test_each_run_is_the_one_apply_async_records(sent: list[Any], django_capture_on_commit_callbacks: Any) -> None:
+    """Every column but the id, the arguments and the times is what ``apply_async`` writes."""
+    options = {"queue": "bulk-q", "priority": 4, "headers": {"tenant": "acme"}, "expires": 3600}
+    with django_capture_on_commit_callbacks(execute=True):
+        single = slow_job.apply_async([1], {"label": "x"}, **options)
+        [bulk] = slow_job.dispatch_many([([1], {"label": "x"})], **options)
+    a, b = (SupervisedRun.objects.get(pk=h.run_id) for h in (single, bulk))
+    skip = {"id", "created_at", "next_check_at", "options"}
+    fields = [f.attname for f in SupervisedRun._meta.concrete_fields if f.attname not in skip]
+    assert {f: getattr(b, f) for f in fields} == {f: getattr(a, f) for f in fields}
+    assert {k: v for k, v in b.options.items() if k != "expires"} == {
+        k: v for k, v in a.options.items() if k != "expires"
+    }
+    assert b.options["expires"] >= a.options["expires"]  # absolute, counted from each dispatch
+    assert abs((b.next_check_at - a.next_check_at).total_seconds()) < 5
+    assert b.status == RunStatus.QUEUED and b.publish_count == 1
+
+
+def test_a_countdown_records_the_runs_waiting_and_publishes_nothing(
+    sent: list[Any], django_capture_on_commit_callbacks: Any
+) -> None:
+    with django_capture_on_commit_callbacks(execute=True):
+        handles = noop.dispatch_many([((), {})] * 3, countdown=600)
+    runs = SupervisedRun.objects.filter(pk__in=[h.run_id for h in handles])
+    assert sent == [] and runs.count() == 3
+    assert set(runs.values_list("publish_count", flat=True)) == {0}
+    for run in runs:
+        assert 590 < (run.next_check_at - run.created_at).total_seconds() < 610
+
+
+def test_a_call_that_is_not_json_refuses_the_whole_batch_and_names_the_call(
+    sent: list[Any], django_capture_on_commit_callbacks: Any
+) -> None:
+    before = SupervisedRun.objects.count()
+    with django_capture_on_commit_callbacks(execute=True), pytest.raises(TypeError, match=r"call 2 of dispatch_many"):
+        slow_job.dispatch_many([([1], {}), ([2], {}), ([object()], {}), ([4], {})])
+    with pytest.raises(TypeError, match=r"call 1 of dispatch_many must be an \(args, kwargs\) pair"):
+        slow_job.dispatch_many([([1], {}), [1, 2, 3]])
+    with pytest.raises(TypeError, match=r"call 0 of dispatch_many: args must be a list"):
+        slow_job.dispatch_many([("abc", {})])
+    assert SupervisedRun.objects.count() == before and sent == []
+
+
+def test_arguments_over_the_size_limit_are_refused(settings: Any, sent: list[Any]) -> None:
+    settings.SUPERVISOR_MAX_ARGS_BYTES = 100
+    with pytest.raises(ValueError, match=r"call 1 of dispatch_many.*SUPERVISOR_MAX_ARGS_BYTES"):
+        slow_job.dispatch_many([([1], {}), (["x" * 200], {})])
+
+
+def test_unique_calls_share_a_run_as_with_apply_async(sent: list[Any], django_capture_on_commit_callbacks: Any) -> None:
+    with django_capture_on_commit_callbacks(execute=True):
+        held = noop.apply_async(unique_key="bulk-held")
+        handles = noop.dispatch_many([((), {})] * 3, unique_key="bulk-held")
+        fresh = noop.dispatch_many([((), {})] * 2, unique_key="bulk-new")
+    assert [h.run_id for h in handles] == [held.run_id] * 3 and all(h.deduplicated for h in handles)
+    assert fresh[0].deduplicated is False and fresh[1].deduplicated is True
+    assert fresh[1].run_id == fresh[0].run_id
+    # Published: the first held run and the one new run, nothing for the deduplicated calls.
+    assert sorted(r for r, _, _ in sent) == sorted([held.run_id, fresh[0].run_id])
+
+
+def test_unique_by_arguments_dedupes_within_and_across_batches(
+    sent: list[Any], django_capture_on_commit_callbacks: Any
+) -> None:
+    from celery import current_app
+
+    @current_app.task(name="tests.bulk.per_customer", base=SupervisedTask, bind=True, unique_by=("customer",))
+    def per_customer(self: Any, customer: int, note: str = "") -> None:
+        return None
+
+    assert per_customer.name == "tests.bulk.per_customer"
+    try:
+        with django_capture_on_commit_callbacks(execute=True):
+            handles = per_customer.dispatch_many([([1], {}), ([2], {}), ([1], {"note": "again"})])
+        assert handles[2].run_id == handles[0].run_id and handles[2].deduplicated
+        assert handles[1].run_id != handles[0].run_id and len(sent) == 2
+    finally:
+        current_app.tasks.pop("tests.bulk.per_customer", None)
+
+
+def test_a_rolled_back_transaction_records_and_publishes_nothing(
+    sent: list[Any], django_capture_on_commit_callbacks: Any
+) -> None:
+    before = SupervisedRun.objects.count()
+    with django_capture_on_commit_callbacks(execute=True), pytest.raises(RuntimeError):
+        with transaction.atomic():
+            noop.dispatch_many([((), {})] * 5)
+            raise RuntimeError("the caller changed its mind")
+    assert SupervisedRun.objects.count() == before and sent == []
+
+
+def test_eta_and_callbacks_are_refused(sent: list[Any]) -> None:
+    from datetime import datetime, timezone
+
+    with pytest.raises(NotImplementedError, match="countdown"):
+        noop.dispatch_many([((), {})], eta=datetime.now(timezone.utc))
+    with pytest.raises(NotImplementedError, match="link"):
+        noop.dispatch_many([((), {})], link=noop.s())
+
+
+def test_the_messages_carry_the_shared_options(django_capture_on_commit_callbacks: Any, monkeypatch: Any) -> None:
+    messages: list[broker.Message] = []
+    monkeypatch.setattr(broker, "send", lambda message, producer=None: messages.append(message))
+    with django_capture_on_commit_callbacks(execute=True):
+        noop.dispatch_many([((), {})] * 2, queue="bulk-q", headers={"tenant": "acme"}, expires=60)
+    assert len(messages) == 2 and messages[0].options == messages[1].options
+    sent_options = broker.send_options(messages[1])
+    assert sent_options["queue"] == "bulk-q" and sent_options["headers"]["tenant"] == "acme"
+    assert sent_options["headers"][broker.HEADER_RUN] == messages[1].run_id
+
+
+@pytest.mark.django_db(transaction=True)
+def test_delay_inside_the_callers_transaction_is_one_insert_no_commit_no_savepoint(
+    sent: list[Any], fast_settings: Any
+) -> None:
+    """The caller's ``transaction.atomic()`` holds the dispatch: one INSERT, no SAVEPOINT, no COMMIT
+    of its own, and the message leaves only after the caller's commit."""
+    with CaptureQueriesContext(connection) as ctx:
+        with transaction.atomic():
+            result = noop.delay()
+            inside = [q["sql"] for q in ctx.captured_queries]
+            published_inside = list(sent)
+        after = [q["sql"] for q in ctx.captured_queries][len(inside) :]
+    assert published_inside == []
+    # The caller's BEGIN, then our one statement: no SAVEPOINT, no COMMIT of our own.
+    statements = [s for s in inside if not s.strip().upper().startswith("BEGIN")]
+    assert len(statements) == 1 and statements[0].lstrip().upper().startswith("INSERT"), inside
+    # Then the caller's COMMIT, and nothing else: the publish reads nothing back.
+    assert [s.strip().upper() for s in after] == ["COMMIT"], after
+    assert sent == [(result.run_id, 1, noop.name)]
