@@ -193,7 +193,10 @@ def transports() -> list[Any]:
 @pytest.mark.parametrize("url", transports())
 def test_the_broker_delivers_the_same_message_as_send_tasks(url: str, tmp_path: Any) -> None:
     if url == "filesystem":
-        conn = Connection("filesystem://", transport_options={"data_folder_in": tmp_path, "data_folder_out": tmp_path})
+        conn = Connection(
+            "filesystem://",
+            transport_options={"data_folder_in": tmp_path, "data_folder_out": tmp_path, "control_folder": tmp_path},
+        )
     else:
         conn = Connection(url)
     name = f"fast-wire-{uuid.uuid4().hex[:8]}"
