@@ -116,6 +116,12 @@ def drop_broken_connection(always_check: bool = False) -> None:
         connection.close()
 
 
+def undefined_function(exc: BaseException) -> bool:
+    """Whether ``exc`` is PostgreSQL's "function does not exist" (SQLSTATE 42883), with either driver."""
+    cause = exc.__cause__ or exc
+    return getattr(cause, "sqlstate", None) == "42883" or getattr(cause, "pgcode", None) == "42883"
+
+
 def recover_connection() -> None:
     """After a failed statement in a long-lived loop (lease keeper, sweep loop): Django's own cleanup,
     then a usable-check, so the next statement opens a fresh connection if this one is dead."""

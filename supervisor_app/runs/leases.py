@@ -7,7 +7,11 @@ unique per claim even when two agents claim the same attempt number (a claim for
 crash under asynchronous commit, then published again).
 
 On PostgreSQL the claim and the success are one statement each (a CTE updating the run and its
-attempt row), so a no-op run costs three statements: dispatch, claim, finish. Never a
+attempt row), so a no-op run costs three statements: dispatch, claim, finish. The claim and the
+single success call functions of migration 0013 (``supervisor_claim_v1``, ``supervisor_succeed_v1``),
+whose plans PostgreSQL keeps per session: sent as text, the statement was planned at every call, and
+planning cost more than executing. Until that migration is applied, the same statements go as text
+(``_CLAIM_PG``, ``_SUCCEED_PG``, which the functions mirror). Never a
 multi-statement string: psycopg2, psycopg 3 with server-side binding (prepared statements) and
 PgBouncer in transaction mode all accept one statement. Statuses reach the SQL as parameters, from
 the moves of ``core.states``.
@@ -24,7 +28,7 @@ from datetime import timedelta
 from functools import reduce
 from typing import Any
 
-from django.db import IntegrityError, connections, router, transaction
+from django.db import IntegrityError, ProgrammingError, connections, router, transaction
 from django.db.models import Case, DateTimeField, F, Q, When
 from django.db.models.functions import Now
 
@@ -32,7 +36,7 @@ from .. import signals
 from ..conf import supervisor_settings
 from ..core.retry import FailureDecision
 from ..core.states import CLAIM, FAILURE_MOVES, STOP_CANCELLED, SUCCEED, AttemptOutcome, RunStatus
-from ..db import ASYNC_COMMIT_CONDITION, after, single_statement_connection, update_returning
+from ..db import ASYNC_COMMIT_CONDITION, after, single_statement_connection, undefined_function, update_returning
 from ..models import RunAttempt, SupervisedRun, SupervisionPolicy
 from . import rows
 from .notify import send_on_commit
@@ -126,6 +130,37 @@ WITH finished AS (
 SELECT id, attempt FROM finished
 """
 
+#: The same claim and success, as calls of migration 0013's functions (the process falls back to the
+#: text statements above while the functions are missing).
+_CLAIM_CALL = """SELECT * FROM supervisor_claim_v1(%(run_id)s::bigint, %(attempt)s::integer, %(worker)s::text,
+    %(task_id)s::text, %(token)s::uuid, %(source)s::text, %(target)s::text, %(outcome)s::text, %(async)s::boolean)"""
+_SUCCEED_CALL = """SELECT supervisor_succeed_v1(%(run_id)s::bigint, %(attempt)s::integer, %(token)s::uuid,
+    %(source)s::text, %(target)s::text, %(outcome)s::text, %(async)s::boolean)"""
+
+
+class _Functions:
+    """Whether this process found migration 0013's functions (None: not tried yet)."""
+
+    present: bool | None = None
+
+
+def _execute(conn: Any, call: str, text: str, params: dict[str, Any]) -> Any:
+    """Run the function ``call``, or the statement ``text`` while the function is missing; returns
+    the cursor's first row."""
+    with conn.cursor() as cursor:
+        if _Functions.present is not False:
+            try:
+                cursor.execute(call, {**params, "async": bool(supervisor_settings.raw("ASYNC_AGENT_COMMIT"))})
+                _Functions.present = True
+                return cursor.fetchone()
+            except ProgrammingError as exc:
+                if not undefined_function(exc) or conn.in_atomic_block:
+                    raise
+                _Functions.present = False  # autocommit: the failed call left nothing behind
+        cursor.execute(text, params)
+        return cursor.fetchone()
+
+
 _RENEW_PG = """
 UPDATE {run} AS r SET heartbeat_at = now(), lease_expires_at = now() + r.lease_timeout
 FROM unnest(%s::bigint[], %s::integer[], %s::uuid[]) AS l(id, attempt, token)
@@ -209,9 +244,12 @@ def _claim(
             "target": CLAIM.target,
             "outcome": AttemptOutcome.RUNNING.value,
         }
-        with conn.cursor() as cursor:
-            cursor.execute(_sql(_CLAIM_PG, conn, **(_LIMITED if limit else _UNLIMITED)), params)
-            row = cursor.fetchone()
+        if limit is None:
+            row = _execute(conn, _CLAIM_CALL, _sql(_CLAIM_PG, conn, **_UNLIMITED), params)
+        else:
+            with conn.cursor() as cursor:
+                cursor.execute(_sql(_CLAIM_PG, conn, **_LIMITED), params)
+                row = cursor.fetchone()
         if row is None:
             return None
         checkpoint = None if row[2] is None else json.loads(row[2])
@@ -358,9 +396,7 @@ def finish_success(run_id: int, attempt: int, worker: str = "", token: str | Non
             "target": SUCCEED.target,
             "outcome": AttemptOutcome.SUCCEEDED.value,
         }
-        with conn.cursor() as cursor:
-            cursor.execute(_sql(_SUCCEED_PG, conn), params)
-            won = cursor.fetchone()[0] == 1
+        won = _execute(conn, _SUCCEED_CALL, _sql(_SUCCEED_PG, conn), params)[0] == 1
         if won:
             send_on_commit(signals.run_succeeded, run_id, attempt=attempt)
             return True

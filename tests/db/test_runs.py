@@ -129,26 +129,68 @@ def test_the_fence_is_unique_per_claim_not_per_attempt_number(dispatched: Callab
 @pytest.mark.postgres
 @pytest.mark.django_db(transaction=True)
 def test_agent_writes_are_one_statement_with_asynchronous_commit_inside_it(
-    dispatched: Callable[..., int], settings: Any, django_assert_max_num_queries: Any
+    dispatched: Callable[..., int], settings: Any, django_assert_max_num_queries: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """psycopg2 and psycopg 3's server-side binding refuse ``SET LOCAL …; UPDATE …`` in one string:
     the setting travels inside the statement, and is in force for the transaction that wrote."""
     from django.db import connection
+
+    from supervisor_app.runs import leases
 
     settings.SUPERVISOR_ASYNC_AGENT_COMMIT = True
     run_id = dispatched()
     with django_assert_max_num_queries(1) as queries:
         won = runs.claim(run_id, 1, "w")
     assert won is not None
+    # Migration 0013's function, planned once per session; asynchronous commit is its parameter.
     sql = queries.captured_queries[0]["sql"]
-    assert ";" not in sql.strip().rstrip(";") and "set_config('synchronous_commit', 'off', true)" in sql
+    assert ";" not in sql.strip().rstrip(";") and "supervisor_claim_v1(" in sql and "true::boolean" in sql
     with transaction.atomic(), connection.cursor() as cursor:
+        # In force for the transaction of the call that wrote (here, the caller's).
         cursor.execute(
-            "SELECT set_config('synchronous_commit', 'off', true) IS NOT NULL, current_setting('synchronous_commit')"
+            "SELECT o_max_attempts FROM supervisor_claim_v1(%s, 1, 'w', '', %s::uuid, 'running', 'running', "
+            "'running', true)",
+            [run_id, won.token],
         )
-        assert cursor.fetchone() == (True, "off")
+        assert cursor.fetchone() is not None  # the same claim, retried: granted again
+        cursor.execute("SELECT current_setting('synchronous_commit')")
+        assert cursor.fetchone() == ("off",)
     with django_assert_max_num_queries(1):
         assert runs.finish_success(run_id, 1, "w", won.token) is True
+
+    # Before the migration is applied (code deployed first), the same statements go as text.
+    monkeypatch.setattr(leases._Functions, "present", False)
+    again = dispatched()
+    with django_assert_max_num_queries(1) as queries:
+        won = runs.claim(again, 1, "w")
+    assert won is not None
+    sql = queries.captured_queries[0]["sql"]
+    assert ";" not in sql.strip().rstrip(";") and "set_config('synchronous_commit', 'off', true)" in sql
+    with django_assert_max_num_queries(1):
+        assert runs.finish_success(again, 1, "w", won.token) is True
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_a_database_without_the_agent_functions_falls_back_to_text_statements(
+    dispatched: Callable[..., int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from django.db import connection
+
+    from supervisor_app.runs import leases
+
+    with connection.cursor() as cursor:
+        cursor.execute("ALTER FUNCTION supervisor_claim_v1 RENAME TO supervisor_claim_v1_hidden")
+    monkeypatch.setattr(leases._Functions, "present", None)
+    try:
+        run_id = dispatched()
+        won = runs.claim(run_id, 1, "w")  # "function does not exist": the text statement, same answer
+        assert won is not None and leases._Functions.present is False
+        assert SupervisedRun.objects.get(pk=run_id).status == "running"
+        assert runs.finish_success(run_id, 1, "w", won.token) is True
+    finally:
+        with connection.cursor() as cursor:
+            cursor.execute("ALTER FUNCTION supervisor_claim_v1_hidden RENAME TO supervisor_claim_v1")
 
 
 def test_expired_lease_is_recovered_once_and_the_zombie_is_fenced(
