@@ -10,7 +10,8 @@ rules: ``runs`` turns each :class:`~supervisor_app.core.states.Move` into a cond
 - :mod:`.policies`: the supervision policy choices (defined once) and the values a run records;
 - :mod:`.slots`: slot times of schedules and what to do with late slots;
 - :mod:`.alerting`: alert events, messages and the redaction of webhook URLs;
-- :mod:`.ids`: Celery task ids of attempts.
+- :mod:`.ids`: Celery task ids of attempts;
+- :mod:`.delay`: when a dispatched run is due (``countdown=``, ``eta=``).
 
 (``TextChoices`` comes from ``django.db.models`` but is a plain enum: nothing here opens a connection.)
 """

@@ -18,6 +18,7 @@ from .. import runs
 from ..broker import HEADER_ATTEMPT, HEADER_RUN
 from ..conf import supervisor_settings
 from ..core import unique
+from ..core.delay import dispatch_delay
 from ..core.policies import RunPolicy
 from ..core.retry import RetryPolicy, exception_types
 from ..models import AdoptedMessage
@@ -149,15 +150,13 @@ class SupervisedTask(Task):  # type: ignore[misc]
             return super().apply_async(args, kwargs, task_id, producer, link, link_error, shadow, **options)
         if link or link_error:
             raise NotImplementedError("supervised tasks do not support link/link_error callbacks")
-        if options.get("eta") is not None:
-            raise NotImplementedError("use countdown= with supervised tasks; eta is not supported")
         run = runs.create_run(
             self.name,
             args,
             kwargs,
             self.run_policy(),
             options=options,
-            countdown=options.get("countdown"),
+            countdown=dispatch_delay(options.pop("countdown", None), options.pop("eta", None)),
             unique_key=self.unique_key_for(args, kwargs, given_key),
             unique_for=unique.window_seconds(window),
         )
@@ -196,8 +195,7 @@ class SupervisedTask(Task):  # type: ignore[misc]
         for name in ("link", "link_error", "task_id", "producer", "shadow"):
             if options.get(name) is not None:
                 raise NotImplementedError(f"dispatch_many does not take {name}=")
-        if options.get("eta") is not None:
-            raise NotImplementedError("use countdown= with supervised tasks; eta is not supported")
+        delay = dispatch_delay(options.pop("countdown", None), options.pop("eta", None))
         keys = None
         if given_key is not None or self.unique_by is not None:
             keys = [self.unique_key_for(*self._pair(i, pair), given=given_key) for i, pair in enumerate(pairs)]
@@ -206,7 +204,7 @@ class SupervisedTask(Task):  # type: ignore[misc]
             pairs,
             self.run_policy(),
             options=options,
-            countdown=options.get("countdown"),
+            countdown=delay,
             unique_keys=keys,
             unique_for=unique.window_seconds(window),
         )

@@ -146,13 +146,19 @@ def test_a_rolled_back_transaction_records_and_publishes_nothing(
     assert SupervisedRun.objects.count() == before and sent == []
 
 
-def test_eta_and_callbacks_are_refused(sent: list[Any]) -> None:
-    from datetime import datetime, timezone
+def test_callbacks_are_refused_and_an_eta_waits_in_the_database(
+    sent: list[Any], django_capture_on_commit_callbacks: Any
+) -> None:
+    from datetime import datetime, timedelta, timezone
 
-    with pytest.raises(NotImplementedError, match="countdown"):
-        noop.dispatch_many([((), {})], eta=datetime.now(timezone.utc))
     with pytest.raises(NotImplementedError, match="link"):
         noop.dispatch_many([((), {})], link=noop.s())
+    with django_capture_on_commit_callbacks(execute=True):
+        handles = noop.dispatch_many([((), {})] * 2, eta=datetime.now(timezone.utc) + timedelta(minutes=10))
+    waiting = SupervisedRun.objects.filter(pk__in=[h.run_id for h in handles])
+    assert sent == [] and set(waiting.values_list("publish_count", flat=True)) == {0}
+    for run in waiting:
+        assert 590 < (run.next_check_at - run.created_at).total_seconds() < 610
 
 
 def test_the_messages_carry_the_shared_options(django_capture_on_commit_callbacks: Any, monkeypatch: Any) -> None:

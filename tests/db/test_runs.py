@@ -497,3 +497,19 @@ def test_publishing_one_run_by_id_returns_its_producer(
     monkeypatch.setattr(publishing.RunPublisher, "close", close)
     assert publishing.publish_by_id(run_id)
     assert closed == [True] and sent[-1][0] == run_id
+
+
+def test_an_eta_waits_in_the_database_and_a_past_one_is_published_at_once(
+    dispatched: Callable[..., int], sent: list[Any], django_capture_on_commit_callbacks: Any
+) -> None:
+    from datetime import timezone as tz
+
+    with django_capture_on_commit_callbacks(execute=True):
+        later = noop.apply_async(eta=timezone.now() + timedelta(minutes=10)).run_id
+        now = noop.apply_async(eta=timezone.now().astimezone(tz.utc) - timedelta(seconds=5)).run_id
+    waiting = SupervisedRun.objects.get(pk=later)
+    assert waiting.publish_count == 0 and waiting.status == RunStatus.QUEUED
+    assert 590 < (waiting.next_check_at - waiting.created_at).total_seconds() < 610
+    assert [s[0] for s in sent] == [now]  # the past eta: published after commit, like a plain delay()
+    with pytest.raises(TypeError, match="countdown must be a number"):
+        noop.apply_async(countdown="soon")
