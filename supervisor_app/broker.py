@@ -19,6 +19,7 @@ from typing import Any, ClassVar, NamedTuple, TypeVar
 from django.utils import timezone
 
 from .core.backlog import QueueState
+from .core.workflow import CANVAS_OPTIONS
 
 logger = logging.getLogger("supervisor_app")
 
@@ -66,8 +67,12 @@ def _absolute_expiry(value: Any, now: datetime | None) -> str | None:
 
 def run_options(options: Mapping[str, Any] | None, now: datetime | None = None) -> dict[str, Any]:
     """The publishing options a run keeps, from ``apply_async`` options or a schedule's: JSON values
-    only (``expires`` absolute, see above), unset ones left out, our own headers never kept."""
-    kept: dict[str, Any] = {}
+    only (``expires`` absolute, see above), unset ones left out, our own headers never kept; and the
+    canvas the message carries (``core.workflow.CANVAS_OPTIONS``, JSON already), sent again on every
+    attempt."""
+    kept: dict[str, Any] = {
+        name: (options or {})[name] for name in CANVAS_OPTIONS if (options or {}).get(name) is not None
+    }
     for name in KEPT_OPTIONS:
         value = (options or {}).get(name)
         if value is None:
@@ -107,8 +112,15 @@ def expiry(options: Mapping[str, Any]) -> datetime | None:
 
 
 def send_options(message: Message) -> dict[str, Any]:
-    """The ``send_task`` options of one publish: the kept ones, plus the run and attempt headers."""
+    """The ``send_task`` options of one publish: the kept ones and the canvas, plus the run and
+    attempt headers."""
     out: dict[str, Any] = {k: v for k, v in message.options.items() if k in KEPT_OPTIONS}
+    canvas = {k: v for k, v in message.options.items() if k in CANVAS_OPTIONS}
+    if "callbacks" in canvas:
+        canvas["link"] = canvas.pop("callbacks")
+    if "errbacks" in canvas:
+        canvas["link_error"] = canvas.pop("errbacks")
+    out.update(canvas)
     if isinstance(out.get("expires"), str):
         out["expires"] = datetime.fromisoformat(out["expires"])
     out["headers"] = {**(out.get("headers") or {}), HEADER_RUN: message.run_id, HEADER_ATTEMPT: message.attempt}
@@ -312,11 +324,13 @@ def send(message: Message, producer: Any = None) -> None:
     options: dict[str, Any] = dict(plan.options)
     if ttl is not None:
         options["expiration"] = ttl
-    root_id = parent_id = None
+    # A run's place in a workflow is kept with it (recorded at dispatch, so a republished attempt
+    # carries it too); a run recorded without one is placed under the task that publishes it.
+    root_id, parent_id = kept.get("root_id"), kept.get("parent_id")
     parent = app.current_worker_task
     if parent:
-        root_id = parent.request.root_id or parent.request.id
-        parent_id = parent.request.id
+        root_id = root_id or parent.request.root_id or parent.request.id
+        parent_id = parent_id or parent.request.id
         if plan.inherit_parent_priority:
             options.setdefault("priority", parent.request.delivery_info.get("priority"))
     built = amqp.as_task_v2(
@@ -331,6 +345,12 @@ def send(message: Message, producer: Any = None) -> None:
         create_sent_event=plan.send_sent_event,
         root_id=root_id,
         parent_id=parent_id,
+        group_id=kept.get("group_id"),
+        group_index=kept.get("group_index"),
+        callbacks=kept.get("callbacks"),
+        errbacks=kept.get("errbacks"),
+        chain=kept.get("chain"),
+        chord=kept.get("chord"),
         ignore_result=None,
         argsrepr=_repr(args, amqp.argsrepr_maxsize, plan.repr_maxlevels),
         kwargsrepr=_repr(kwargs, amqp.kwargsrepr_maxsize, plan.repr_maxlevels),

@@ -307,6 +307,19 @@ SETTINGS: dict[str, Setting] = {
             "Largest JSON encoding (bytes) of a run's arguments; a bigger dispatch is refused with "
             "`ValueError` before anything is recorded (pass a reference instead). None: no limit.",
         ),
+        # ------------------------------------------------ workflows and results (issue 14)
+        Setting(
+            "MAX_RESULT_BYTES",
+            1048576,
+            "Largest JSON encoding (bytes) of a return value stored with its run (`SupervisedRun.result`, "
+            "what the result handle's `.get()` returns and a chain's next step receives); a bigger or "
+            "non-JSON value is stored as None, with a warning. None: no limit.",
+        ),
+        Setting(
+            "RESULT_POLL_INTERVAL",
+            0.1,
+            "Seconds between two reads of a run by its result handle's `.get()` (or its own `interval=`).",
+        ),
     ]
 }
 

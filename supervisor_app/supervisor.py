@@ -6,8 +6,9 @@ is a conditional update that re-checks why the row was selected (``runs.recovery
 killed half-way leaves every row either handled or untouched.
 
 The phases, in order, are one static list (:data:`PHASES`): lost leases, overdue attempts, retries
-due, unstarted attempts, then the schedules (missed slots, start windows, ``queue_one`` releases), the
-liveness rows of processes long gone, and the alert digests. Nothing adds itself to it.
+due, unstarted attempts, finished runs' workflow continuations, then the schedules (missed slots,
+start windows, ``queue_one`` releases), the liveness rows of processes long gone, and the alert
+digests. Nothing adds itself to it.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from .models import ProcessHeartbeat, SupervisedRun
 from .models.querysets import RunQuerySet
 from .ops.isolation import SweepErrors, isolated
 from .ops.liveness import process_name, prune_phase, record_liveness
-from .runs import concurrency, recovery
+from .runs import concurrency, recovery, workflow
 from .runs.publishing import RunPublisher
 from .scheduling.sweep import sweep_schedules
 
@@ -115,6 +116,19 @@ def _unstarted(batch: list[SupervisedRun], publisher: RunPublisher, report: Swee
             report.dead += 1
 
 
+def _workflows(report: SweepReport, deadline: float) -> None:
+    """Finished runs whose workflow continuation (or result backend report) their agent did not
+    dispatch: a crash right after the finish, a broker outage, a run the supervisor ended."""
+    total = 0
+    while time.monotonic() < deadline:
+        done = workflow.follow_up()
+        total += done
+        if done < workflow.BATCH:
+            break
+    if total:
+        report.extra["followed_up"] = total
+
+
 def _slots(report: SweepReport, deadline: float) -> None:
     """Runs waiting for a slot of a concurrency limit, released into the free slots, key by key.
 
@@ -162,6 +176,7 @@ PHASES: tuple[RunPhase | Phase, ...] = (
     RunPhase("overdue", RunQuerySet.overdue, _overdue),
     RunPhase("retries", RunQuerySet.due_retries, _retry),
     RunPhase("unstarted", RunQuerySet.unstarted, _unstarted),
+    Phase("workflows", _workflows),
     Phase("slots", _slots),
     Phase("schedules", sweep_schedules),
     Phase("process rows", prune_phase),

@@ -19,3 +19,10 @@ class LeaseLost(Exception):
 
 class RunCancelled(LeaseLost):
     """An operator asked to cancel the run; raised at the agent's next heartbeat."""
+
+
+class RunFailed(Exception):
+    """A run ended without succeeding (``failed``, ``dead``, ``missed``): raised by ``.get()`` on its
+    result handle, and stored in a configured result backend when the supervisor, not the task's
+    code, decided the outcome (attempts exhausted by lost agents or timeouts). The message holds the
+    run's last error."""

@@ -1,20 +1,18 @@
-"""Celery task ids of attempts: one rule for every path that names one."""
+"""Celery task ids of runs: one rule for every path that names one."""
 
 from __future__ import annotations
 
 import uuid
 
 
-def first_task_id(run_id: int) -> str:
-    """Attempt 1's id, derived from the run id so that dispatch stays one statement (no write-back)."""
+def new_task_id() -> str:
+    """A run's Celery id: a UUID, as Celery's own, so that projects sharing a result backend (staging
+    and production, two services) never read each other's results. Every attempt of the run is
+    published under it, so the caller's handle follows the run across recoveries."""
+    return str(uuid.uuid4())
+
+
+def legacy_task_id(run_id: int) -> str:
+    """The id attempt 1 of a run recorded before migration 0014 was published under (the row kept no
+    id until an agent claimed it)."""
     return f"{run_id}.1"
-
-
-def new_task_id(run_id: int, attempt: int, token: str | None = None) -> str:
-    """A later attempt's id. Each attempt gets its own, so nothing addressed to a timed-out attempt
-    reaches the next; ``token`` (random by default) keeps ids unique across a database that was reset."""
-    return f"{run_id}.{attempt}.{token or new_token()}"
-
-
-def new_token() -> str:
-    return uuid.uuid4().hex[:12]

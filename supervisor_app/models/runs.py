@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from django.db import models
 from django.db.models import Q
+from django.db.models.fields.json import KeyTextTransform
 
 from ..compat import check_constraint
-from ..core.states import ACTIVE_STATUSES, AttemptOutcome, RunStatus
+from ..core.ids import legacy_task_id
+from ..core.states import ACTIVE_STATUSES, TERMINAL_STATUSES, AttemptOutcome, RunStatus
 from .querysets import RunQuerySet
 
 #: The runs that hold their unique key: active ones, and those with a ``unique_for`` window (until a
@@ -50,7 +52,10 @@ class SupervisedRun(models.Model):
     max_attempts = models.PositiveIntegerField(default=3)
 
     worker = models.CharField(max_length=255, blank=True, default="")
-    task_id = models.CharField(max_length=255, blank=True, default="", help_text="Celery id of the current attempt.")
+    #: The run's Celery id (a UUID, or the caller's ``task_id=``): every attempt is published under it
+    #: and the caller's handle follows it. Unique: a dispatch naming a recorded id records nothing and
+    #: returns that run (a chain step dispatched again after a crash is the same run).
+    task_id = models.CharField(max_length=255, blank=True, default="", help_text="Celery id of the run.")
     #: Drawn by the agent for each claim and required by its renewals and final write: the fence is
     #: unique per claim, so two agents that both claimed one attempt number (a claim forgotten by a
     #: database crash under asynchronous commit, then the attempt published again) never share a lease.
@@ -77,6 +82,13 @@ class SupervisedRun(models.Model):
     created_at = models.DateTimeField(auto_now_add=True)
 
     last_error = models.TextField(blank=True, default="")
+    #: The successful attempt's return value, as JSON (None when it returned None or a value that
+    #: could not be stored: not JSON, or over ``SUPERVISOR_MAX_RESULT_BYTES``).
+    result = models.JSONField(null=True, blank=True)
+    #: True while the run's workflow continuation (callbacks, errbacks, next chain step, chord part;
+    #: kept in ``options``) is still to be dispatched for its final status. Cleared, in the
+    #: transaction that records the supervised steps, by whoever dispatches it (``runs.workflow``).
+    follow_up = models.BooleanField(default=False, db_default=False)
     progress = models.JSONField(null=True, blank=True)
     checkpoint = models.JSONField(null=True, blank=True)
     cancel_requested = models.BooleanField(default=False)
@@ -118,6 +130,8 @@ class SupervisedRun(models.Model):
                 condition=Q(status=RunStatus.RUNNING, concurrency_slot__isnull=False),
                 name="supervisor_run_one_per_slot",
             ),
+            # A run's Celery id names one run: dispatching a recorded id again finds it.
+            models.UniqueConstraint(fields=["task_id"], condition=~Q(task_id=""), name="supervisor_run_unique_task_id"),
             check_constraint(Q(attempt__gte=1), "supervisor_run_attempt_gte_1"),
             check_constraint(Q(status__in=[s.value for s in RunStatus]), "supervisor_run_status_valid"),
         ]
@@ -139,6 +153,23 @@ class SupervisedRun(models.Model):
                 fields=["concurrency_key", "created_at"],
                 condition=Q(status=RunStatus.WAITING),
                 name="supervisor_run_waiting",
+            ),
+            # Finished runs whose workflow continuation is still to be dispatched (the sweep's).
+            models.Index(
+                fields=["finished_at"],
+                condition=Q(follow_up=True, status__in=sorted(TERMINAL_STATUSES)),
+                name="supervisor_run_follow_up",
+            ),
+            # The admin's workflow view: the steps of a workflow, and a step's children.
+            models.Index(
+                KeyTextTransform("root_id", "options"),
+                condition=Q(options__has_key="root_id"),
+                name="supervisor_run_root",
+            ),
+            models.Index(
+                KeyTextTransform("parent_id", "options"),
+                condition=Q(options__has_key="parent_id"),
+                name="supervisor_run_parent",
             ),
             models.Index(
                 fields=["deadline_at"],
@@ -170,6 +201,12 @@ class SupervisedRun(models.Model):
     @property
     def is_active(self) -> bool:
         return self.status in ACTIVE_STATUSES
+
+    @property
+    def celery_task_id(self) -> str:
+        """The Celery id every attempt of the run is published under (rows recorded before migration
+        0014 kept none until claimed: theirs was derived from the primary key)."""
+        return self.task_id or legacy_task_id(self.pk)
 
 
 class RunAttempt(models.Model):

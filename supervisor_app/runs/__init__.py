@@ -6,6 +6,8 @@
 - :mod:`.operator`: cancel, retry now, mark resolved;
 - :mod:`.schedule_runs`: start windows passed, ``queue_one`` runs released;
 - :mod:`.effects`: exactly-once side effects (``supervisor_app.idempotency``);
+- :mod:`.workflow`: a finished run's continuation (callbacks, errbacks, chain, chord), dispatched once;
+- :mod:`.results`: how a run's return value is stored;
 - :mod:`.retention`: pruning old runs;
 - :mod:`.publishing`, :mod:`.notify`, :mod:`.rows`: what the above share (publish after commit and
   record what could not be sent, signals after commit, the values of each move).
@@ -35,6 +37,7 @@ from .operator import mark_resolved, request_cancel, retry_now
 from .publishing import RunPublisher, publish_by_id
 from .recovery import dispatch_retry, force_cancel, recover_lost_batch, republish, time_out
 from .retention import prune_runs
+from .workflow import follow_up
 
 __all__ = [
     "Claim",
@@ -53,6 +56,7 @@ __all__ = [
     "finish_failure",
     "finish_success",
     "finish_successes",
+    "follow_up",
     "force_cancel",
     "heartbeat",
     "mark_resolved",

@@ -22,9 +22,10 @@ from django.utils import timezone
 
 from ..broker import Message, run_options
 from ..conf import supervisor_settings
-from ..core.ids import first_task_id
+from ..core.ids import new_task_id
 from ..core.policies import RunPolicy
 from ..core.states import RunStatus
+from ..core.workflow import has_continuation
 from ..db import after, convert, seconds
 from ..models import AdoptedMessage, SupervisedRun
 from . import unique
@@ -78,6 +79,7 @@ def create_run(
     last_error: str = "",
     unique_key: str | None = None,
     unique_for: float | None = None,
+    task_id: str | None = None,
 ) -> SupervisedRun | None:
     """Record a run and, after commit, publish its first attempt.
 
@@ -93,7 +95,10 @@ def create_run(
     run, queued with no next check and unpublished until the schedule phase releases it.
     ``unique_key`` (an ad-hoc run): when another run of the task holds that key, nothing is recorded or
     published and that run is returned, ``deduplicated`` set; ``unique_for`` seconds: the new run holds
-    its key that long, whatever its status (see :mod:`.unique`).
+    its key that long, whatever its status (see :mod:`.unique`). ``task_id``: the run's Celery id (a
+    new UUID by default); when a run with that id is recorded already (a chain step dispatched again,
+    a caller retrying its dispatch), nothing is recorded or published and that run is returned,
+    ``deduplicated`` set.
     """
     args = list(args or [])
     kwargs = dict(kwargs or {})
@@ -116,6 +121,8 @@ def create_run(
         publish_count=0 if delay or hold or status != RunStatus.QUEUED else 1,
         next_check_at=next_check_at,
         last_error=last_error,
+        task_id=str(task_id or new_task_id())[:255],
+        follow_up=has_continuation(kept),
         **_queued_values(policy),
     )
     if status != RunStatus.QUEUED:
@@ -133,21 +140,40 @@ def create_run(
         with transaction.atomic(using=using):
             run = SupervisedRun.objects.create(**fields)
             AdoptedMessage.objects.create(message_id=adopted_message_id, run=run)
-    elif unique_key is not None:
-        fields.update(unique_key=unique_key, **unique.window_values(unique_for))
-        pk, created = unique.insert_or_find(fields, using)
-        if not created:
-            return unique.holder(pk, task_name, unique_key)
-        run = SupervisedRun(pk=pk, **fields)
-        run._state.adding, run._state.db = False, using
+    elif task_id is not None:
+        # The caller named the id: a savepoint, so that finding it recorded leaves their transaction.
+        try:
+            with transaction.atomic(using=using):
+                run = _insert_ad_hoc(fields, unique_key, unique_for, using)
+        except IntegrityError:
+            existing = SupervisedRun.objects.using(using).filter(task_id=fields["task_id"]).first()
+            if existing is None:
+                raise
+            existing.deduplicated = True
+            return existing
     else:
-        run = SupervisedRun.objects.create(**fields)
-    # The id is known only after the insert; a second short write is avoided by deriving the first
-    # attempt's task id from it: attempt 1 uses "<id>.1".
-    run.task_id = first_task_id(run.pk)
+        run = _insert_ad_hoc(fields, unique_key, unique_for, using)
+    if run.deduplicated:
+        return run
     if status == RunStatus.QUEUED and not delay and not hold and publish:
         # Published from what we just wrote: no read-back, so a dispatch stays one statement.
         publish_batch_on_commit([Message(run.pk, 1, task_name, args, kwargs, kept, run.task_id)])
+    return run
+
+
+def _insert_ad_hoc(
+    fields: dict[str, Any], unique_key: str | None, unique_for: float | None, using: str
+) -> SupervisedRun:
+    """Insert an ad-hoc run; a unique one (``unique_key``) only if no run holds its key (then the
+    holder is returned, ``deduplicated``)."""
+    if unique_key is None:
+        return SupervisedRun.objects.using(using).create(**fields)
+    fields.update(unique_key=unique_key, **unique.window_values(unique_for))
+    pk, created = unique.insert_or_find(fields, using)
+    if not created:
+        return unique.holder(pk, str(fields["task_name"]), unique_key)
+    run = SupervisedRun(pk=pk, **fields)
+    run._state.adding, run._state.db = False, using
     return run
 
 
@@ -162,6 +188,8 @@ class SlotRun:
     kwargs: dict[str, Any]
     policy: RunPolicy
     options: Mapping[str, Any]
+    #: The run's Celery id (drawn by :func:`create_slot_runs`).
+    task_id: str = ""
 
 
 def create_slot_runs(wanted: Sequence[SlotRun], batch_size: int = 500) -> list[tuple[int, SlotRun]]:
@@ -196,7 +224,7 @@ def create_slot_runs(wanted: Sequence[SlotRun], batch_size: int = 500) -> list[t
     fields = [f for f in meta.local_concrete_fields if f is not meta.pk]
     # The kept options once per slot (an expiry in seconds becomes one absolute time for row and message).
     ordered = sorted(
-        (replace(s, options=run_options(s.options)) for s in wanted),
+        (replace(s, options=run_options(s.options), task_id=s.task_id or new_task_id()) for s in wanted),
         key=lambda s: (s.periodic_task_id, s.scheduled_for),
     )
     size = max(1, min(batch_size, conn.ops.bulk_batch_size(fields, ordered)))
@@ -204,9 +232,7 @@ def create_slot_runs(wanted: Sequence[SlotRun], batch_size: int = 500) -> list[t
     for start in range(0, len(ordered), size):
         with transaction.atomic(using=using):
             inserted = _insert_slots(ordered[start : start + size], fields, using)
-            messages = [
-                Message(pk, 1, s.task_name, s.args, s.kwargs, s.options, first_task_id(pk)) for pk, s in inserted
-            ]
+            messages = [Message(pk, 1, s.task_name, s.args, s.kwargs, s.options, s.task_id) for pk, s in inserted]
             if messages:
                 publish_batch_on_commit(messages)
         created += inserted
@@ -224,6 +250,7 @@ def _slot_values(s: SlotRun) -> dict[str, Any]:
         periodic_task_id=s.periodic_task_id,
         scheduled_for=s.scheduled_for,
         publish_count=1,  # optimistic, as in create_run: a failed publish resets it
+        task_id=s.task_id,
         **_queued_values(s.policy),
     )
 
@@ -394,9 +421,12 @@ def create_runs(
         size = batch_size if conn.vendor == "postgresql" else _values_batch_size(conn)
         for start in range(0, len(plain), size):
             chunk = plain[start : start + size]
-            ids = insert([prepared[i] for i in chunk], shared, next_check, using)
-            for index, pk in zip(chunk, ids, strict=True):
-                out[index] = Dispatched(pk, first_task_id(pk))
+            task_ids = [new_task_id() for _ in chunk]
+            ids = insert(
+                [(*prepared[i], tid) for i, tid in zip(chunk, task_ids, strict=True)], shared, next_check, using
+            )
+            for index, pk, tid in zip(chunk, ids, task_ids, strict=True):
+                out[index] = Dispatched(pk, tid)
         if publish:
             messages = [
                 Message(d.run_id, 1, task_name, prepared[i][0], prepared[i][1], kept, d.task_id)
@@ -429,10 +459,10 @@ def _bulk_fields() -> list[Any]:
 
 
 def _insert_unnest(
-    calls: Sequence[tuple[list[Any], dict[str, Any]]], shared: Mapping[str, Any], next_check: timedelta, using: str
+    calls: Sequence[tuple[list[Any], dict[str, Any], str]], shared: Mapping[str, Any], next_check: timedelta, using: str
 ) -> list[int]:
     conn = connections[using]
-    rows = [{"args": args, "kwargs": kwargs} for args, kwargs in calls]
+    rows = [{"args": args, "kwargs": kwargs, "task_id": task_id} for args, kwargs, task_id in calls]
     sql, params = _unnest_insert(rows, _bulk_fields(), conn, shared=shared, next_check=next_check)
     with conn.cursor() as cursor:
         cursor.execute(f"{sql} RETURNING {conn.ops.quote_name('id')}", params)
@@ -445,12 +475,13 @@ def _values_batch_size(conn: Any) -> int:
 
 
 def _insert_values(
-    calls: Sequence[tuple[list[Any], dict[str, Any]]], shared: Mapping[str, Any], next_check: timedelta, using: str
+    calls: Sequence[tuple[list[Any], dict[str, Any], str]], shared: Mapping[str, Any], next_check: timedelta, using: str
 ) -> list[int]:
     """A multi-row ``INSERT … VALUES … RETURNING id`` (SQLite ≥ 3.35 and others)."""
     conn = connections[using]
     objs: list[Model] = [
-        SupervisedRun(args=args, kwargs=kwargs, next_check_at=after(next_check), **shared) for args, kwargs in calls
+        SupervisedRun(args=args, kwargs=kwargs, task_id=task_id, next_check_at=after(next_check), **shared)
+        for args, kwargs, task_id in calls
     ]
     query = InsertQuery(SupervisedRun)
     query.insert_values(_bulk_fields(), objs)
@@ -461,13 +492,13 @@ def _insert_values(
 
 
 def _insert_each(
-    calls: Sequence[tuple[list[Any], dict[str, Any]]], shared: Mapping[str, Any], next_check: timedelta, using: str
+    calls: Sequence[tuple[list[Any], dict[str, Any], str]], shared: Mapping[str, Any], next_check: timedelta, using: str
 ) -> list[int]:
     """One ``INSERT`` per run: a backend that can't return the ids of a multi-row insert."""
     ids = []
-    for args, kwargs in calls:
+    for args, kwargs, task_id in calls:
         run = SupervisedRun.objects.using(using).create(
-            args=args, kwargs=kwargs, next_check_at=after(next_check), **shared
+            args=args, kwargs=kwargs, task_id=task_id, next_check_at=after(next_check), **shared
         )
         ids.append(run.pk)
     return ids

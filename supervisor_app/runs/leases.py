@@ -102,7 +102,7 @@ _UNLIMITED = {"free": "", "slot_set": "", "slot_free": ""}
 _SUCCEED_PG = """
 WITH finished AS (
     UPDATE {run} SET status = %(target)s, finished_at = now(), lease_expires_at = NULL, deadline_at = NULL,
-        last_error = ''
+        last_error = ''{result_set}
     WHERE id = %(run_id)s AND attempt = %(attempt)s AND status = %(source)s
         AND lease_token IS NOT DISTINCT FROM COALESCE(%(token)s::uuid, lease_token){async_commit}
     RETURNING id, attempt
@@ -118,8 +118,9 @@ SELECT count(*) FROM finished
 _SUCCEED_MANY_PG = """
 WITH finished AS (
     UPDATE {run} AS r SET status = %(target)s, finished_at = now(), lease_expires_at = NULL, deadline_at = NULL,
-        last_error = ''
-    FROM unnest(%(ids)s::bigint[], %(attempts)s::integer[], %(tokens)s::uuid[]) AS l(id, attempt, token)
+        last_error = '', result = l.result::jsonb
+    FROM unnest(%(ids)s::bigint[], %(attempts)s::integer[], %(tokens)s::uuid[], %(results)s::text[])
+        AS l(id, attempt, token, result)
     WHERE r.id = l.id AND r.attempt = l.attempt AND r.status = %(source)s
         AND r.lease_token IS NOT DISTINCT FROM COALESCE(l.token, r.lease_token){async_commit}
     RETURNING r.id, r.attempt
@@ -384,11 +385,19 @@ def schedule_backoff(run_id: int) -> tuple[float | None, float | None]:
     return tuple(None if d is None else d.total_seconds() for d in row)  # type: ignore[return-value]
 
 
-def finish_success(run_id: int, attempt: int, worker: str = "", token: str | None = None) -> bool:
-    """running → succeeded, fenced by the attempt and claim. False: the lease was lost, nothing written."""
+#: ``_SUCCEED_PG``'s result: the text without one is the function's (a run that returned None).
+_RESULT_SET = ", result = %(result)s::jsonb"
+
+
+def finish_success(
+    run_id: int, attempt: int, worker: str = "", token: str | None = None, result: str | None = None
+) -> bool:
+    """running → succeeded, fenced by the attempt and claim, storing ``result`` (JSON text; None: the
+    body returned None, or a value that can't be stored). False: the lease was lost, nothing written."""
     conn = single_statement_connection(_using())
     if conn is not None:
         params = {
+            "result": result,
             "token": _token(token),
             "run_id": run_id,
             "attempt": attempt,
@@ -396,7 +405,12 @@ def finish_success(run_id: int, attempt: int, worker: str = "", token: str | Non
             "target": SUCCEED.target,
             "outcome": AttemptOutcome.SUCCEEDED.value,
         }
-        won = _execute(conn, _SUCCEED_CALL, _sql(_SUCCEED_PG, conn), params)[0] == 1
+        if result is None:
+            won = _execute(conn, _SUCCEED_CALL, _sql(_SUCCEED_PG, conn, result_set=""), params)[0] == 1
+        else:
+            with conn.cursor() as cursor:
+                cursor.execute(_sql(_SUCCEED_PG, conn, result_set=_RESULT_SET), params)
+                won = cursor.fetchone()[0] == 1
         if won:
             send_on_commit(signals.run_succeeded, run_id, attempt=attempt)
             return True
@@ -404,7 +418,8 @@ def finish_success(run_id: int, attempt: int, worker: str = "", token: str | Non
             rows.fenced(run_id, attempt, worker, "completion")
         return False
     with transaction.atomic():
-        if not rows.of(SUCCEED, run_id, attempt, token).update(**rows.ended(SUCCEED), last_error=""):
+        stored = None if result is None else json.loads(result)
+        if not rows.of(SUCCEED, run_id, attempt, token).update(**rows.ended(SUCCEED), last_error="", result=stored):
             rows.fenced(run_id, attempt, worker, "completion")
             return False
         rows.finish_attempt(run_id, attempt, AttemptOutcome.SUCCEEDED)
@@ -412,19 +427,20 @@ def finish_success(run_id: int, attempt: int, worker: str = "", token: str | Non
     return True
 
 
-def finish_successes(done: Sequence[tuple[int, int, str | None, str]]) -> set[tuple[int, int]]:
-    """running → succeeded for many attempts, ``(run_id, attempt, token, worker)`` each, fenced like
-    :func:`finish_success`; one statement on PostgreSQL. Returns the attempts written; each of the
+def finish_successes(done: Sequence[tuple[int, int, str | None, str, str | None]]) -> set[tuple[int, int]]:
+    """running → succeeded for many attempts, ``(run_id, attempt, token, worker, result)`` each, fenced
+    like :func:`finish_success`; one statement on PostgreSQL. Returns the attempts written; each of the
     others lost its lease (recorded as a fenced completion)."""
     if not done:
         return set()
     conn = single_statement_connection(_using())
     if conn is None:
-        return {(r, a) for r, a, token, worker in done if finish_success(r, a, worker, token)}
+        return {(r, a) for r, a, token, worker, result in done if finish_success(r, a, worker, token, result)}
     params = {
         "ids": [d[0] for d in done],
         "attempts": [d[1] for d in done],
         "tokens": [_token(d[2]) for d in done],
+        "results": [d[4] for d in done],
         "source": SUCCEED.source,
         "target": SUCCEED.target,
         "outcome": AttemptOutcome.SUCCEEDED.value,
@@ -432,7 +448,7 @@ def finish_successes(done: Sequence[tuple[int, int, str | None, str]]) -> set[tu
     with conn.cursor() as cursor:
         cursor.execute(_sql(_SUCCEED_MANY_PG, conn), params)
         won = {(int(r), int(a)) for r, a in cursor.fetchall()}
-    for run_id, attempt, _, worker in done:
+    for run_id, attempt, _, worker, _result in done:
         if (run_id, attempt) in won:
             send_on_commit(signals.run_succeeded, run_id, attempt=attempt)
         else:

@@ -11,6 +11,7 @@ from django.db.models.functions import Coalesce, Least, Now
 from .. import signals
 from ..conf import supervisor_settings
 from ..core.states import CANCEL_WAITING, INCIDENT_STATUSES, REOPEN, AttemptOutcome, RunStatus
+from ..core.workflow import has_continuation
 from ..db import after
 from ..models import RunAttempt, SupervisedRun
 from . import rows
@@ -59,6 +60,9 @@ def retry_now(run_id: int) -> bool:
         next_attempt = run.attempt + 1
         values = rows.requeued(REOPEN, run, next_attempt)
         values.update(max_attempts=max(run.max_attempts, next_attempt), cancel_requested=False, finished_at=None)
+        # Its continuation is dispatched again for the new final status (supervised steps under the
+        # same derived ids: recorded once).
+        values["follow_up"] = has_continuation(run.options)
         current = SupervisedRun.objects.filter(pk=run.pk, attempt=run.attempt, status=run.status)
         try:
             with transaction.atomic():  # a savepoint: the unique-key constraint may refuse the reopen
@@ -66,9 +70,9 @@ def retry_now(run_id: int) -> bool:
                     return False
         except IntegrityError:
             return False  # another active run holds this run's unique key
-        rows.new_attempt(run.pk, next_attempt, values["task_id"])
+        rows.new_attempt(run.pk, next_attempt, run.celery_task_id)
         publisher = RunPublisher()
-        publish_on_commit(run, next_attempt, values["task_id"], publisher)
+        publish_on_commit(run, next_attempt, run.celery_task_id, publisher)
         transaction.on_commit(publisher.close)
     return True
 

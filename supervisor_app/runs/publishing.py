@@ -8,7 +8,7 @@ from django.db import router, transaction
 from django.db.models.functions import Now
 
 from .. import broker
-from ..core.ids import first_task_id
+from ..core.ids import legacy_task_id
 from ..core.states import RunStatus
 from ..models import SupervisedRun
 
@@ -76,7 +76,7 @@ def publish_by_id(run_id: int, publisher: RunPublisher | None = None) -> bool:
         row["args"],
         row["kwargs"],
         row["options"],
-        row["task_id"] or first_task_id(run_id),
+        row["task_id"] or legacy_task_id(run_id),
     )
     if publisher is not None:
         return publisher.publish(msg)

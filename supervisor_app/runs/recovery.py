@@ -16,7 +16,7 @@ from .. import broker, signals
 from ..conf import supervisor_settings
 from ..core.backlog import Verdict
 from ..core.backlog import judge as judge_backlog
-from ..core.ids import first_task_id, new_token
+from ..core.ids import legacy_task_id
 from ..core.retry import NEVER_STARTED_REASON, has_attempts_left, never_started, republish_delay
 from ..core.states import (
     BURY,
@@ -52,9 +52,9 @@ def _requeue_or_bury(
         values = rows.requeued(REQUEUE, run, run.attempt + 1)
         if not rows.of(REQUEUE, run.pk, run.attempt).filter(**condition).update(last_error=error, **values):
             return None
-        rows.new_attempt(run.pk, run.attempt + 1, values["task_id"])
+        rows.new_attempt(run.pk, run.attempt + 1, run.celery_task_id)
         rows.finish_attempt(run.pk, run.attempt, outcome, error)
-        publish_on_commit(run, run.attempt + 1, values["task_id"], publisher)
+        publish_on_commit(run, run.attempt + 1, run.celery_task_id, publisher)
         on_requeue()
         return REQUEUE.target
     if not rows.of(BURY, run.pk, run.attempt).filter(**condition).update(**rows.ended(BURY), last_error=error):
@@ -91,20 +91,11 @@ def recover_lost_batch(
         **rows.ended(FORCE_CANCEL),
     )
     stale = stale.filter(cancel_requested=False)
-    token = new_token()
     requeued = update_returning(
         stale.filter(pk__in=[r.pk for r in runs if has_attempts_left(r.attempt, r.max_attempts)]),
         ["id", "attempt", "task_id"],
         **rows.fresh_attempt(REQUEUE),
         attempt=F("attempt") + 1,
-        # core.ids.new_task_id, computed by the database for the whole batch: "<id>.<attempt>.<token>".
-        task_id=Concat(
-            Cast("id", CharField()),
-            Value("."),
-            Cast(F("attempt") + 1, CharField()),
-            Value("." + token),
-            output_field=CharField(),
-        ),
         last_error=error,
         next_check_at=after(F("start_timeout")),
     )
@@ -125,9 +116,15 @@ def recover_lost_batch(
     # The unique (run, number) constraint backs the conditional update: a second supervisor that
     # somehow passed it would fail here and roll its whole batch back.
     RunAttempt.objects.bulk_create(
-        [RunAttempt(run_id=row["id"], number=row["attempt"], task_id=row["task_id"]) for row in requeued]
+        [
+            RunAttempt(run_id=row["id"], number=row["attempt"], task_id=row["task_id"] or legacy_task_id(row["id"]))
+            for row in requeued
+        ]
     )
-    publish_many_on_commit([message(by_id[row["id"]], row["attempt"], row["task_id"]) for row in requeued], publisher)
+    publish_many_on_commit(
+        [message(by_id[row["id"]], row["attempt"], row["task_id"] or legacy_task_id(row["id"])) for row in requeued],
+        publisher,
+    )
     send_many_on_commit(signals.run_recovered, {row["id"]: {"lost_attempt": row["attempt"] - 1} for row in requeued})
     send_many_on_commit(
         signals.run_dead,
@@ -185,8 +182,8 @@ def dispatch_retry(run: SupervisedRun, publisher: RunPublisher) -> bool:
     values = rows.requeued(DISPATCH_RETRY, run, run.attempt + 1)
     if not rows.of(DISPATCH_RETRY, run.pk, run.attempt).filter(next_check_at__lte=Now()).update(**values):
         return False
-    rows.new_attempt(run.pk, run.attempt + 1, values["task_id"])
-    publish_on_commit(run, run.attempt + 1, values["task_id"], publisher)
+    rows.new_attempt(run.pk, run.attempt + 1, run.celery_task_id)
+    publish_on_commit(run, run.attempt + 1, run.celery_task_id, publisher)
     return True
 
 
@@ -258,7 +255,7 @@ def republish(run: SupervisedRun, publisher: RunPublisher, waited: float = 0.0) 
         return _never_started(run)
     count = run.publish_count + 1
     delay = republish_delay(run.start_timeout.total_seconds(), count)
-    task_id = run.task_id or first_task_id(run.pk)
+    task_id = run.celery_task_id
     if not due.update(publish_count=count, next_check_at=after(timedelta(seconds=delay)), task_id=task_id):
         return None
     publish_on_commit(run, run.attempt, task_id, publisher)

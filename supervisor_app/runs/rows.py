@@ -8,8 +8,7 @@ from typing import Any
 from django.db.models.functions import Now
 
 from .. import signals
-from ..core.ids import new_task_id
-from ..core.states import AttemptOutcome, Move
+from ..core.states import AttemptOutcome, Move, RunStatus
 from ..db import after
 from ..models import RunAttempt, SupervisedRun
 from .notify import send_on_commit
@@ -18,8 +17,13 @@ logger = logging.getLogger("supervisor_app")
 
 
 def ended(move: Move) -> dict[str, Any]:
-    """A run's values as ``move`` takes it to a final status: finished now, no lease or deadline left."""
-    return dict(status=move.target, finished_at=Now(), lease_expires_at=None, deadline_at=None)
+    """A run's values as ``move`` takes it to a final status: finished now, no lease or deadline left.
+    An end other than success is followed up (``runs.workflow``): no worker's tracer tells a result
+    backend, a chord or an errback of it."""
+    values: dict[str, Any] = dict(status=move.target, finished_at=Now(), lease_expires_at=None, deadline_at=None)
+    if move.target != RunStatus.SUCCEEDED:
+        values["follow_up"] = True
+    return values
 
 
 def fresh_attempt(move: Move) -> dict[str, Any]:
@@ -37,13 +41,9 @@ def fresh_attempt(move: Move) -> dict[str, Any]:
 
 
 def requeued(move: Move, run: SupervisedRun, next_attempt: int) -> dict[str, Any]:
-    """:func:`fresh_attempt` for one run: its next attempt number and task id, the start timeout running."""
-    return dict(
-        fresh_attempt(move),
-        attempt=next_attempt,
-        task_id=new_task_id(run.pk, next_attempt),
-        next_check_at=after(run.start_timeout),
-    )
+    """:func:`fresh_attempt` for one run: its next attempt number, the start timeout running. Every
+    attempt is published under the run's own task id (the caller's handle follows the run)."""
+    return dict(fresh_attempt(move), attempt=next_attempt, next_check_at=after(run.start_timeout))
 
 
 def of(move: Move, run_id: int, attempt: int | None = None, token: str | None = None) -> Any:

@@ -35,7 +35,6 @@ from django.db.models import BooleanField, ExpressionWrapper, Q
 from django.db.models.functions import Now
 from django.db.models.sql import InsertQuery, Query
 
-from ..core.ids import first_task_id
 from ..core.states import ACTIVE_STATUSES
 from ..db import after
 from ..models import SupervisedRun
@@ -88,8 +87,10 @@ def insert_or_find(fields: dict[str, Any], using: str) -> tuple[int, bool]:
 
 def holder(pk: int, task_name: str, key: str) -> SupervisedRun:
     """What a deduplicated dispatch returns: the run holding the key, with the handle its own
-    dispatch returned (attempt 1's task id) and ``deduplicated`` set."""
-    run = SupervisedRun(pk=pk, task_name=task_name, unique_key=key, task_id=first_task_id(pk))
+    dispatch returned (its task id) and ``deduplicated`` set."""
+    run = SupervisedRun(pk=pk, task_name=task_name, unique_key=key)
+    run.task_id = SupervisedRun.objects.filter(pk=pk).values_list("task_id", flat=True).first() or ""
+    run.task_id = run.celery_task_id
     run._state.adding = False
     run.deduplicated = True
     return run

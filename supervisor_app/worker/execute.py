@@ -23,8 +23,10 @@ from .. import runs
 from ..conf import supervisor_settings
 from ..core.errors import LeaseLost, RunCancelled
 from ..core.retry import FailureDecision, RetryPolicy, decide_failure
+from ..core.states import RunStatus
 from ..core.unique import UniqueKeyError, arguments_key
 from ..db import bound_agent_sockets, cut_socket, drop_broken_connection
+from ..runs.results import encode_result
 from . import interrupt, started
 from .lease_keeper import Lease, lease_keeper
 
@@ -120,8 +122,17 @@ def socket_timeout() -> float:
     return max(2.0, supervisor_settings.lease_timeout / 3)
 
 
-def execute(task: SupervisedTask, run_id: int, attempt: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    """Run one delivered attempt: claim, body with lease kept, fenced finish."""
+def execute(
+    task: SupervisedTask,
+    run_id: int,
+    attempt: int,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    workflow: bool = False,
+) -> Any:
+    """Run one delivered attempt: claim, body with lease kept, fenced finish. ``workflow``: the run
+    has a continuation (callbacks, errbacks, next chain step, chord part), dispatched once its final
+    status is written (so that write is never deferred)."""
     from celery.exceptions import Ignore
 
     request = task.request
@@ -177,7 +188,8 @@ def execute(task: SupervisedTask, run_id: int, attempt: int, args: tuple[Any, ..
     # Only the delivery that won the claim tells the result backend it started (never a duplicate).
     started.store_started(task, worker)
     try:
-        return _run(task, won, worker, sent[0], args, kwargs, deferred=defers_finish(task, limit is not None))
+        deferred = defers_finish(task, limit is not None) and not workflow
+        return _run(task, won, worker, sent[0], args, kwargs, deferred=deferred, workflow=workflow)
     finally:
         if limit is not None:
             hand_on_slot(limit[0])
@@ -219,8 +231,13 @@ def _run(
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     deferred: bool = False,
+    workflow: bool = False,
 ) -> Any:
-    """The body of a claimed attempt, its lease kept, then its fenced finish."""
+    """The body of a claimed attempt, its lease kept, then its fenced finish (and the run's workflow
+    continuation, once its final status is written).
+
+    A failure that will be retried reaches Celery as ``Retry`` (a result backend stores ``RETRY``;
+    no errback, no chord part): only a run's final failure is a Celery failure."""
     from celery.exceptions import Ignore
 
     run_id, attempt, token, request = won.run_id, won.attempt, won.token, task.request
@@ -268,19 +285,48 @@ def _run(
             finish(lease, lambda: runs.record_fenced(run_id, attempt, worker), run_id, attempt)
             raise Ignore() from None
         failure, error, tb = exc, f"{type(exc).__name__}: {exc}", traceback.format_exc()
+        decided: list[FailureDecision] = []
 
         def fail() -> None:
             policy = effective_retry_policy(task, run_id, won.max_attempts)
             decision: FailureDecision = decide_failure(policy, attempt, failure)
-            runs.finish_failure(run_id, attempt, decision, error, tb, worker, token)
+            if runs.finish_failure(run_id, attempt, decision, error, tb, worker, token):
+                decided.append(decision)
 
         finish(lease, fail, run_id, attempt)
+        if decided and decided[0].status == RunStatus.RETRYING:
+            from celery.exceptions import Retry
+
+            raise Retry(exc=failure, when=decided[0].retry_in) from failure  # type: ignore[arg-type]
+        if decided and workflow:
+            follow_up(run_id)
         raise
-    if deferred and lease_keeper.complete(run_id, attempt, worker):
+    encoded = encode_result(task.name, result)
+    if deferred and lease_keeper.complete(run_id, attempt, worker, encoded):
         return result  # written by this process's lease keeper, with others, within the finish delay
     lease = lease_keeper.unregister(run_id, attempt)
-    finish(lease, lambda: runs.finish_success(run_id, attempt, worker, token), run_id, attempt, completed=True)
+    finish(
+        lease,
+        lambda: runs.finish_success(run_id, attempt, worker, token, encoded),
+        run_id,
+        attempt,
+        completed=True,
+    )
+    if workflow:
+        follow_up(run_id)
     return result
+
+
+def follow_up(run_id: int) -> None:
+    """Dispatch the run's workflow continuation now that its final status is written. Best effort:
+    whatever is not dispatched here (broker down, a crash) the supervisor's sweep dispatches."""
+    try:
+        runs.follow_up([run_id])
+    except Exception as exc:
+        drop_broken_connection()
+        logger.warning(
+            "run %s: workflow continuation not dispatched (%s); the supervisor will", run_id, type(exc).__name__
+        )
 
 
 def defers_finish(task: SupervisedTask, limited: bool) -> bool:

@@ -77,6 +77,8 @@ class Lease:
     completed_at: float | None = None
     flush_at: float = 0.0
     worker: str = ""
+    #: The body's return value, as the JSON text its run stores (None: nothing to store).
+    result: str | None = None
 
 
 def fence_margin(lease_timeout: float) -> float:
@@ -144,7 +146,7 @@ class LeaseKeeper:
             # registration: waking a thread per task costs a context switch on the task's path.)
             self._wake.set()
 
-    def complete(self, run_id: int, attempt: int, worker: str) -> bool:
+    def complete(self, run_id: int, attempt: int, worker: str, result: str | None = None) -> bool:
         """Queue the success of a body that returned; the renewer writes it (see the module's doc).
 
         False when it can't be queued (no such lease, or it is lost): the caller writes it itself."""
@@ -155,6 +157,7 @@ class LeaseKeeper:
                 return False
             delay = supervisor_settings.FINISH_DELAY
             lease.completed_at, lease.flush_at, lease.worker = now, now + float(delay or 0.0), worker
+            lease.result = result
             # Nothing left to stop: the body returned.
             lease.stop = lease.hard_stop = lease.cut_body = None
             pending = sum(1 for other in self._leases.values() if other.completed_at is not None)
@@ -376,7 +379,7 @@ class LeaseKeeper:
             batch = [(key, lease) for key, lease in self._leases.items() if lease.completed_at is not None]
         if not batch:
             return
-        done = [(key[0], key[1], lease.token, lease.worker) for key, lease in batch]
+        done = [(key[0], key[1], lease.token, lease.worker, lease.result) for key, lease in batch]
         written = self._watched(lambda: runs.finish_successes(done), "writing completions")
         now = time.monotonic()
         with self._lock:

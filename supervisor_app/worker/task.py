@@ -21,9 +21,11 @@ from ..core import unique
 from ..core.delay import dispatch_delay
 from ..core.policies import RunPolicy
 from ..core.retry import RetryPolicy, exception_types
+from ..core.workflow import CANVAS_OPTIONS, CONTINUATION_OPTIONS, IGNORED_OPTIONS, canvas_of
 from ..models import AdoptedMessage
 from ..runs import effects
 from . import execute
+from .results import RunResult
 
 logger = logging.getLogger("supervisor_app")
 
@@ -142,14 +144,31 @@ class SupervisedTask(Task):  # type: ignore[misc]
         If the broker is down the run stays ``queued`` and the supervisor publishes it later.
         Messages that already carry a run (the supervisor's own publishes) and eager mode go
         straight to Celery. A unique dispatch (``unique_key=``, or the task's ``unique_by``) that finds
-        a run holding its key records nothing and returns that run's handle (``result.deduplicated``).
+        a run holding its key records nothing and returns that run's handle (``result.deduplicated``);
+        so does a dispatch whose ``task_id`` names a recorded run.
+
+        Canvas (``link``, ``link_error``, and the chain, chord and group a Celery workflow passes) is
+        kept with the run and dispatched once its final status is recorded (``runs.workflow``).
+        Returns a :class:`~supervisor_app.worker.results.RunResult` that follows the run.
         """
         given_key, window = options.pop("unique_key", None), options.pop("unique_for", self.unique_for)
         headers = options.get("headers") or {}
         if HEADER_RUN in headers or self.app.conf.task_always_eager:
             return super().apply_async(args, kwargs, task_id, producer, link, link_error, shadow, **options)
-        if link or link_error:
-            raise NotImplementedError("supervised tasks do not support link/link_error callbacks")
+        if shadow is not None:
+            raise NotImplementedError(f"{self.name}: shadow= is not supported for supervised tasks")
+        for name in IGNORED_OPTIONS:
+            options.pop(name, None)
+        canvas = canvas_of(options, link, link_error)
+        for name in CANVAS_OPTIONS:
+            options.pop(name, None)
+        if "parent_id" not in canvas:
+            # Dispatched from a task: this run's place in the workflow is under it (kept with the run,
+            # so a republished attempt carries it too).
+            parent = self.app.current_worker_task
+            if parent is not None and parent.request.id:
+                canvas["parent_id"] = parent.request.id
+                canvas.setdefault("root_id", parent.request.root_id or parent.request.id)
         run = runs.create_run(
             self.name,
             args,
@@ -159,12 +178,19 @@ class SupervisedTask(Task):  # type: ignore[misc]
             countdown=dispatch_delay(options.pop("countdown", None), options.pop("eta", None)),
             unique_key=self.unique_key_for(args, kwargs, given_key),
             unique_for=unique.window_seconds(window),
+            task_id=task_id,
         )
         assert run is not None  # only schedule slots can be refused
-        result = self.AsyncResult(run.task_id)
-        # Callers need the run to look it up; AsyncResult has no slot for it, so it is attached.
-        setattr(result, "run_id", run.pk)  # noqa: B010
-        setattr(result, "deduplicated", run.deduplicated)  # noqa: B010
+        return self._handle(run.celery_task_id, run.pk, run.deduplicated)
+
+    def AsyncResult(self, task_id: str, **kwargs: Any) -> RunResult:
+        """The handle of the run ``task_id``: follows the run (see :class:`RunResult`). Celery's
+        canvas asks the task for it, so a chain's or group's frozen results follow their runs too."""
+        return RunResult(task_id, backend=self.backend, task_name=self.name, app=self.app, **kwargs)
+
+    def _handle(self, task_id: str, run_id: int, deduplicated: bool) -> RunResult:
+        result = self.AsyncResult(task_id)
+        result.run_id, result.deduplicated = run_id, deduplicated
         return result
 
     def unique_key_for(self, args: Any = None, kwargs: Any = None, given: str | None = None) -> str | None:
@@ -208,13 +234,7 @@ class SupervisedTask(Task):  # type: ignore[misc]
             unique_keys=keys,
             unique_for=unique.window_seconds(window),
         )
-        results = []
-        for one in created:
-            result = self.AsyncResult(one.task_id)
-            setattr(result, "run_id", one.run_id)  # noqa: B010
-            setattr(result, "deduplicated", one.deduplicated)  # noqa: B010
-            results.append(result)
-        return results
+        return [self._handle(one.task_id, one.run_id, one.deduplicated) for one in created]
 
     def _pair(self, index: int, pair: Any) -> tuple[Any, Any]:
         try:
@@ -245,6 +265,13 @@ class SupervisedTask(Task):  # type: ignore[misc]
             run, number = int(str(run_id)), int(str(attempt))
         except (TypeError, ValueError):
             run, number = 0, 0
+        # The canvas this message carries is the run's (kept with it): its continuation is dispatched
+        # once, when the run's final status is recorded (runs.workflow), never by Celery's tracer for
+        # one attempt, which would fire errbacks for an attempt that will be retried, or the next
+        # step twice.
+        workflow = any(getattr(request, name, None) for name in CONTINUATION_OPTIONS)
+        for name in CONTINUATION_OPTIONS:
+            setattr(request, name, None)
         if run < 1 or number < 1:
             # Half a fencing token is no token: never run such a message outside the fence.
             logger.error(
@@ -253,7 +280,7 @@ class SupervisedTask(Task):  # type: ignore[misc]
             from celery.exceptions import Ignore
 
             raise Ignore()
-        return execute.execute(self, run, number, args, kwargs)
+        return execute.execute(self, run, number, args, kwargs, workflow=workflow)
 
     def _adopt(self, args: Any, kwargs: Any) -> int | None:
         """Record a run for a message that carries none; None if it can't be recorded.
@@ -264,15 +291,31 @@ class SupervisedTask(Task):  # type: ignore[misc]
         """
         from django.db import DatabaseError, IntegrityError
 
-        message_id = str(self.request.id) if self.request.id else None
+        request = self.request
+        message_id = str(request.id) if request.id else None
         try:
+            # The message's canvas (a plain send_task with link=, a chain step) becomes the run's.
+            canvas = canvas_of(
+                {
+                    "callbacks": request.callbacks,
+                    "errbacks": request.errbacks,
+                    "chain": request.chain,
+                    "chord": request.chord,
+                    "group_id": request.group,
+                    "group_index": request.group_index,
+                    "root_id": request.root_id,
+                    "parent_id": request.parent_id,
+                }
+            )
             run = runs.create_run(
                 self.name,
                 args,
                 kwargs,
                 self.run_policy(),
+                options=canvas,
                 publish=False,
                 adopted_message_id=message_id,
+                task_id=message_id,
             )
         except IntegrityError as exc:
             # Recorded by an earlier delivery of this very message: that run's attempt 1 is this

@@ -1,0 +1,172 @@
+"""The handle a dispatch returns: a result that follows its run.
+
+:class:`RunResult` is the ``AsyncResult`` of a supervised task (``SupervisedTask.AsyncResult``, so
+also the frozen results of a chain or group): it follows the *run*, read from the database, whatever
+attempt is executing and with or without a result backend. ``.state`` maps the run's status,
+``.get()`` waits for its final outcome (the stored value, or the final error raised).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from celery.result import AsyncResult
+
+from ..conf import supervisor_settings
+from ..core.states import TERMINAL_STATUSES, RunStatus
+from ..core.workflow import FAILED_STATUSES, celery_state
+from ..models import RunAttempt, SupervisedRun
+from ..runs.results import decode_result, final_error
+
+logger = logging.getLogger("supervisor_app")
+
+
+class RunResult(AsyncResult):  # type: ignore[misc]
+    """The handle of a supervised run, by its Celery id (``task_id``).
+
+    Reads the run (one indexed query per look); a handle whose id names no run (not dispatched yet: a
+    later chain step) is ``PENDING``. With a result backend configured, a final failure the backend
+    holds is raised as the backend has it (the task's own exception type); otherwise
+    :class:`~supervisor_app.core.errors.RunFailed` with the run's last error (``runs.results.final_error``).
+    """
+
+    #: Set by ``apply_async`` (``AsyncResult`` has no slot for them).
+    run_id: int | None = None
+    deduplicated: bool = False
+
+    def _row(self) -> dict[str, Any] | None:
+        qs = SupervisedRun.objects.filter(task_id=self.id)
+        row = qs.values("id", "status", "result", "last_error", "finished_at", "task_name").first()
+        return None if row is None else dict(row)
+
+    @property
+    def run(self) -> SupervisedRun | None:
+        """The run this handle follows (None: none recorded under this id)."""
+        return SupervisedRun.objects.filter(task_id=self.id).first()
+
+    @property
+    def state(self) -> str:  # type: ignore[override]
+        row = self._row()
+        return "PENDING" if row is None else celery_state(row["status"])
+
+    status = state  # type: ignore[assignment]
+
+    def ready(self) -> bool:
+        row = self._row()
+        return row is not None and row["status"] in TERMINAL_STATUSES
+
+    def successful(self) -> bool:
+        row = self._row()
+        return row is not None and row["status"] == RunStatus.SUCCEEDED
+
+    def failed(self) -> bool:
+        row = self._row()
+        return row is not None and celery_state(row["status"]) == "FAILURE"
+
+    @property
+    def result(self) -> Any:
+        """The return value once succeeded, the final error (an exception) once failed, else None."""
+        row = self._row()
+        if row is None or row["status"] not in TERMINAL_STATUSES:
+            return None
+        if row["status"] == RunStatus.SUCCEEDED:
+            return decode_result(row["result"])
+        return self._error(row)
+
+    info = result
+
+    @property
+    def traceback(self) -> str | None:  # type: ignore[override]
+        row = self._row()
+        if row is None:
+            return None
+        tb = RunAttempt.objects.filter(run_id=row["id"]).order_by("-number").values_list("traceback", flat=True).first()
+        return tb or None
+
+    @property
+    def date_done(self) -> Any:
+        row = self._row()
+        return None if row is None else row["finished_at"]
+
+    def get(  # type: ignore[override]
+        self,
+        timeout: float | None = None,
+        propagate: bool = True,
+        interval: float | None = None,
+        no_ack: bool = True,
+        follow_parents: bool = True,
+        callback: Any = None,
+        on_message: Any = None,
+        on_interval: Any = None,
+        disable_sync_subtasks: bool = True,
+        **kwargs: Any,
+    ) -> Any:
+        """Wait for the run's final outcome: its value, or its final error raised (``propagate``).
+
+        Polls the database every ``interval`` seconds (``SUPERVISOR_RESULT_POLL_INTERVAL``); raises
+        ``celery.exceptions.TimeoutError`` after ``timeout`` seconds. As Celery's, it refuses to
+        block inside a task (``disable_sync_subtasks``)."""
+        from celery.exceptions import TaskRevokedError, TimeoutError
+
+        if disable_sync_subtasks:
+            from celery.result import assert_will_not_block  # type: ignore[attr-defined]
+
+            assert_will_not_block()
+        step = float(interval if interval is not None else supervisor_settings.RESULT_POLL_INTERVAL)
+        deadline = None if timeout is None else time.monotonic() + float(timeout)
+        if follow_parents and propagate and self.parent is not None:
+            self.maybe_throw_parents()
+        while True:
+            row = self._row()
+            if row is not None and row["status"] in TERMINAL_STATUSES:
+                break
+            if on_interval is not None:
+                on_interval()
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError("The operation timed out.")
+            time.sleep(step if deadline is None else max(0.0, min(step, deadline - time.monotonic())))
+        status = row["status"]
+        value: Any
+        if status == RunStatus.SUCCEEDED:
+            value = decode_result(row["result"])
+        elif status in FAILED_STATUSES:
+            value = self._error(row)
+        else:
+            value = TaskRevokedError(f"run {row['id']} was {status}")
+        if callback is not None:
+            callback(self.id, value)
+        if propagate and isinstance(value, BaseException):
+            raise value
+        return value
+
+    wait = get  # type: ignore[assignment]
+
+    def maybe_throw_parents(self) -> None:
+        """Raise the final error of a failed earlier step of the chain, as Celery's ``get`` does."""
+        node = self.parent
+        while node is not None:
+            if isinstance(node, RunResult):
+                row = node._row()
+                if row is not None and row["status"] in FAILED_STATUSES:
+                    raise node._error(row)
+            node = getattr(node, "parent", None)
+
+    def _error(self, row: dict[str, Any]) -> BaseException:
+        """The final error of a run that did not succeed: as the result backend holds it, if one is
+        configured and holds a failure for this id; else :class:`RunFailed`."""
+        from celery.backends.base import DisabledBackend
+
+        backend = self.backend
+        if not isinstance(backend, DisabledBackend):
+            try:
+                meta = backend.get_task_meta(self.id)
+                if meta.get("status") == "FAILURE" and isinstance(meta.get("result"), BaseException):
+                    return meta["result"]  # type: ignore[no-any-return]
+            except Exception:  # the backend is down: the database's account is enough
+                logger.debug("result backend not readable for %s", self.id, exc_info=True)
+        return final_error(row["task_name"], row["id"], row["status"], row["last_error"])
+
+    def __repr__(self) -> str:
+        return f"<RunResult: {self.id}>"
