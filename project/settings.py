@@ -190,6 +190,9 @@ if os.environ.get("BENCH_RESULTS") == "1":
     INSTALLED_APPS.append("django_celery_results")
     CELERY_RESULT_BACKEND = "django-db"
     CELERY_TASK_TRACK_STARTED = True
+# A result backend for this process (the workflow tests' chords use Redis: ``redis://…``). Unset: none.
+if os.environ.get("CELERY_RESULT_BACKEND"):
+    CELERY_RESULT_BACKEND = os.environ["CELERY_RESULT_BACKEND"]
 
 
 # ---------------------------------------------------------------- supervisor_app

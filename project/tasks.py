@@ -154,3 +154,44 @@ def per_customer_job(self: SupervisedTask, customer: int, seconds: float = 0.5, 
 def results_noop() -> None:
     """A plain Celery no-op whose state is kept (the bench's django-celery-results peer, ``BENCH_RESULTS=1``)."""
     return None
+
+
+# ---------------------------------------------------------------- workflows (chains, chords, callbacks)
+
+
+@shared_task(base=SupervisedTask, bind=True)
+def add(self: SupervisedTask, x: int, y: int = 0, label: str = "", seconds: float = 0.0) -> int:
+    """A workflow step: sleeps ``seconds`` (a worker can be killed meanwhile), records, returns x + y."""
+    time.sleep(seconds)
+    _record(self, label)
+    return x + y
+
+
+@shared_task(base=SupervisedTask, bind=True, backoff=0.1, backoff_max=0.5, backoff_jitter=False)
+def add_fail_once(self: SupervisedTask, x: int, y: int = 0, label: str = "") -> int:
+    """Fails its first attempt with a retryable error, then returns x + y."""
+    _record(self, label)
+    if (self.attempt or 1) < 2:
+        raise ConnectionError("first attempt fails")
+    return x + y
+
+
+@shared_task(base=SupervisedTask, bind=True)
+def total(self: SupervisedTask, values: list[int], label: str = "") -> int:
+    """A chord's body: the sum of its header's results."""
+    _record(self, label)
+    return sum(values)
+
+
+@shared_task(base=SupervisedTask, bind=True)
+def failed_step(self: SupervisedTask, task_id: str, label: str = "") -> str:
+    """An errback (``link_error``): receives the failed run's task id."""
+    _record(self, label)
+    return task_id
+
+
+@shared_task
+def plain_callback(value: Any, label: str = "") -> Any:
+    """A plain Celery callback (``link``) of a supervised step."""
+    Execution.objects.create(label=label, pid=os.getpid())
+    return value

@@ -47,17 +47,18 @@ def pending() -> Any:
     return SupervisedRun.objects.filter(follow_up=True, status__in=sorted(TERMINAL_STATUSES))
 
 
-def follow_up(run_ids: Sequence[int] | None = None, limit: int = BATCH) -> int:
+def follow_up(run_ids: Sequence[int] | None = None, limit: int = BATCH, error: BaseException | None = None) -> int:
     """Dispatch the continuation of finished runs (these ids, or the oldest pending ones); returns
     how many were dispatched. A run whose dispatch fails (the broker refused a plain step) stays
-    pending for the next call, and the others go on."""
+    pending for the next call, and the others go on. ``error``: the exception the task's code raised
+    (the agent's call, for its one run), stored in a result backend as the final failure."""
     qs = pending()
     if run_ids is not None:
         qs = qs.filter(pk__in=list(run_ids))
     done = 0
     for pk in list(qs.order_by("finished_at").values_list("pk", flat=True)[:limit]):
         try:
-            done += _follow_up_one(pk)
+            done += _follow_up_one(pk, error)
         except Exception:
             if run_ids is not None and len(run_ids) == 1:
                 raise  # the agent's call: it logs it
@@ -65,17 +66,17 @@ def follow_up(run_ids: Sequence[int] | None = None, limit: int = BATCH) -> int:
     return done
 
 
-def _follow_up_one(pk: int) -> int:
+def _follow_up_one(pk: int, error: BaseException | None = None) -> int:
     using = router.db_for_write(SupervisedRun)
     with transaction.atomic(using=using):
         claimed = update_returning(pending().filter(pk=pk), _FIELDS, follow_up=False)
         if not claimed:
             return 0  # another process followed it up
-        continuation(claimed[0])
+        continuation(claimed[0], error)
     return 1
 
 
-def continuation(row: dict[str, Any]) -> None:
+def continuation(row: dict[str, Any], error: BaseException | None = None) -> None:
     """Dispatch what a finished run (``row``: its fields) tells its workflow (see the module's doc)."""
     from celery import current_app
 
@@ -96,7 +97,7 @@ def continuation(row: dict[str, Any]) -> None:
     elif status in FAILED_STATUSES:
         for index, errback in enumerate(options.get("errbacks") or ()):
             _apply(app, errback, (task_id,), child_task_id(task_id, "link_error", index), placed)
-    _report(app, row, task_id, result)
+    _report(app, row, task_id, result, error)
 
 
 def _apply(app: Any, sig: Any, args: tuple[Any, ...], default_id: str, options: dict[str, Any]) -> None:
@@ -111,7 +112,7 @@ def _apply(app: Any, sig: Any, args: tuple[Any, ...], default_id: str, options: 
     step.apply_async(args, task_id=task_id, **{k: v for k, v in options.items() if v is not None})
 
 
-def _report(app: Any, row: dict[str, Any], task_id: str, result: Any) -> None:
+def _report(app: Any, row: dict[str, Any], task_id: str, result: Any, error: BaseException | None) -> None:
     """Tell a configured result backend the run's final outcome (and, through it, the chord the run
     is part of)."""
     from celery.app.task import Context
@@ -138,7 +139,7 @@ def _report(app: Any, row: dict[str, Any], task_id: str, result: Any) -> None:
     if status == RunStatus.SUCCEEDED:
         backend.mark_as_done(task_id, result, request=request)
     elif status in FAILED_STATUSES:
-        error = final_error(row["task_name"], row["id"], status, row["last_error"])
-        backend.mark_as_failure(task_id, error, request=request, call_errbacks=False)
+        exc = error or final_error(row["task_name"], row["id"], status, row["last_error"])
+        backend.mark_as_failure(task_id, exc, request=request, call_errbacks=False)
     else:
         backend.mark_as_revoked(task_id, f"run {row['id']} {status}", request=request)

@@ -299,7 +299,7 @@ def _run(
 
             raise Retry(exc=failure, when=decided[0].retry_in) from failure  # type: ignore[arg-type]
         if decided and workflow:
-            follow_up(run_id)
+            follow_up(run_id, failure)
         raise
     encoded = encode_result(task.name, result)
     if deferred and lease_keeper.complete(run_id, attempt, worker, encoded):
@@ -317,11 +317,11 @@ def _run(
     return result
 
 
-def follow_up(run_id: int) -> None:
+def follow_up(run_id: int, error: BaseException | None = None) -> None:
     """Dispatch the run's workflow continuation now that its final status is written. Best effort:
     whatever is not dispatched here (broker down, a crash) the supervisor's sweep dispatches."""
     try:
-        runs.follow_up([run_id])
+        runs.follow_up([run_id], error=error)
     except Exception as exc:
         drop_broken_connection()
         logger.warning(

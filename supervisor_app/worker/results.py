@@ -27,9 +27,10 @@ class RunResult(AsyncResult):  # type: ignore[misc]
     """The handle of a supervised run, by its Celery id (``task_id``).
 
     Reads the run (one indexed query per look); a handle whose id names no run (not dispatched yet: a
-    later chain step) is ``PENDING``. With a result backend configured, a final failure the backend
-    holds is raised as the backend has it (the task's own exception type); otherwise
-    :class:`~supervisor_app.core.errors.RunFailed` with the run's last error (``runs.results.final_error``).
+    later chain step) is ``PENDING``. A final failure is raised as
+    :class:`~supervisor_app.core.errors.RunFailed`, whose message is the run's last error (the task's
+    exception type and message): the same with or without a result backend. (A result backend's
+    own ``AsyncResult`` has the task's exception object, stored by the worker.)
     """
 
     #: Set by ``apply_async`` (``AsyncResult`` has no slot for them).
@@ -154,18 +155,8 @@ class RunResult(AsyncResult):  # type: ignore[misc]
             node = getattr(node, "parent", None)
 
     def _error(self, row: dict[str, Any]) -> BaseException:
-        """The final error of a run that did not succeed: as the result backend holds it, if one is
-        configured and holds a failure for this id; else :class:`RunFailed`."""
-        from celery.backends.base import DisabledBackend
-
-        backend = self.backend
-        if not isinstance(backend, DisabledBackend):
-            try:
-                meta = backend.get_task_meta(self.id)
-                if meta.get("status") == "FAILURE" and isinstance(meta.get("result"), BaseException):
-                    return meta["result"]  # type: ignore[no-any-return]
-            except Exception:  # the backend is down: the database's account is enough
-                logger.debug("result backend not readable for %s", self.id, exc_info=True)
+        """The final error of a run that did not succeed, from the database (whether or not a result
+        backend is configured, and before it has been told): :class:`RunFailed` with the last error."""
         return final_error(row["task_name"], row["id"], row["status"], row["last_error"])
 
     def __repr__(self) -> str:

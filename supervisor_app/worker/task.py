@@ -19,9 +19,10 @@ from ..broker import HEADER_ATTEMPT, HEADER_RUN
 from ..conf import supervisor_settings
 from ..core import unique
 from ..core.delay import dispatch_delay
+from ..core.ids import new_task_id
 from ..core.policies import RunPolicy
 from ..core.retry import RetryPolicy, exception_types
-from ..core.workflow import CANVAS_OPTIONS, CONTINUATION_OPTIONS, IGNORED_OPTIONS, canvas_of
+from ..core.workflow import CANVAS_OPTIONS, CONTINUATION_OPTIONS, IGNORED_OPTIONS, canvas_of, has_continuation
 from ..models import AdoptedMessage
 from ..runs import effects
 from . import execute
@@ -169,12 +170,16 @@ class SupervisedTask(Task):  # type: ignore[misc]
             if parent is not None and parent.request.id:
                 canvas["parent_id"] = parent.request.id
                 canvas.setdefault("root_id", parent.request.root_id or parent.request.id)
+        if "root_id" not in canvas and has_continuation(canvas):
+            # The first step of a workflow is its root: the admin's workflow view starts from it.
+            task_id = task_id or new_task_id()
+            canvas["root_id"] = task_id
         run = runs.create_run(
             self.name,
             args,
             kwargs,
             self.run_policy(),
-            options=options,
+            options={**options, **canvas},
             countdown=dispatch_delay(options.pop("countdown", None), options.pop("eta", None)),
             unique_key=self.unique_key_for(args, kwargs, given_key),
             unique_for=unique.window_seconds(window),

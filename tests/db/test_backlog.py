@@ -194,7 +194,6 @@ def test_a_dropped_duplicate_never_writes_to_the_result_backend(
 
     from project.tasks import quiet_job
     from supervisor_app.broker import HEADER_ATTEMPT, HEADER_RUN
-    from supervisor_app.core.ids import first_task_id
 
     app = current_app._get_current_object()
     backend = app.backend
@@ -208,7 +207,7 @@ def test_a_dropped_duplicate_never_writes_to_the_result_backend(
         with django_capture_on_commit_callbacks(execute=True):
             result = quiet_job.delay(0.0, "dup")
         run = SupervisedRun.objects.get(pk=result.run_id)
-        tid = run.task_id or first_task_id(run.pk)
+        tid = run.celery_task_id
         tracer = build_tracer(task.name, task, app=app, eager=False, propagate=False)
         request = {
             "id": tid,

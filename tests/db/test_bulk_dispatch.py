@@ -48,7 +48,9 @@ def test_many_runs_are_recorded_in_one_statement_and_published_after_commit_thro
     callbacks[0]()
     assert len(publishers) == 1 and publishers[0].sent == 300
     ids = [h.run_id for h in handles]
-    assert [h.id for h in handles] == [f"{pk}.1" for pk in ids] and not any(h.deduplicated for h in handles)
+    by_pk = dict(SupervisedRun.objects.filter(pk__in=ids).values_list("pk", "task_id"))
+    assert [h.id for h in handles] == [by_pk[pk] for pk in ids] and not any(h.deduplicated for h in handles)
+    assert len(set(by_pk.values())) == len(ids)  # one UUID per run
     assert [run_id for run_id, attempt, _ in sent] == ids and {a for _, a, _ in sent} == {1}
     rows = {r.pk: r for r in SupervisedRun.objects.filter(pk__in=ids)}
     assert [rows[pk].args for pk in ids] == [[i] for i in range(300)]
@@ -62,7 +64,7 @@ def test_each_run_is_the_one_apply_async_records(sent: list[Any], django_capture
         single = slow_job.apply_async([1], {"label": "x"}, **options)
         [bulk] = slow_job.dispatch_many([([1], {"label": "x"})], **options)
     a, b = (SupervisedRun.objects.get(pk=h.run_id) for h in (single, bulk))
-    skip = {"id", "created_at", "next_check_at", "options"}
+    skip = {"id", "created_at", "next_check_at", "options", "task_id"}
     fields = [f.attname for f in SupervisedRun._meta.concrete_fields if f.attname not in skip]
     assert {f: getattr(b, f) for f in fields} == {f: getattr(a, f) for f in fields}
     assert {k: v for k, v in b.options.items() if k != "expires"} == {

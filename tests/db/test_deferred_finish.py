@@ -52,14 +52,17 @@ def test_many_successes_are_one_statement_and_each_is_fenced_by_its_claim(
 ) -> None:
     held, superseded, other = claimed(), claimed(), claimed()
     done = [
-        (held.run_id, 1, held.token, "w@test"),
-        (superseded.run_id, 1, "00000000-0000-0000-0000-000000000000", "zombie@test"),  # another claim's token
-        (other.run_id, 1, other.token, "w@test"),
+        (held.run_id, 1, held.token, "w@test", '{"n": 1}'),
+        (superseded.run_id, 1, "00000000-0000-0000-0000-000000000000", "zombie@test", None),  # another claim's token
+        (other.run_id, 1, other.token, "w@test", None),
     ]
     with CaptureQueriesContext(connection) as ctx:
         written = runs.finish_successes(done)
     assert written == {(held.run_id, 1), (other.run_id, 1)}
     assert statuses(held.run_id, superseded.run_id, other.run_id) == ["succeeded", "running", "succeeded"]
+    # Each run stores its own return value, in the same statement.
+    assert SupervisedRun.objects.get(pk=held.run_id).result == {"n": 1}
+    assert SupervisedRun.objects.get(pk=other.run_id).result is None
     assert RunAttempt.objects.get(run_id=held.run_id, number=1).outcome == "succeeded"
     refused = RunAttempt.objects.get(run_id=superseded.run_id, number=1)
     assert refused.outcome == "fenced" and refused.error.startswith("completion refused")

@@ -143,7 +143,7 @@ def ghost_runs(n: int, lease: float, task: str = "project.tasks.noop") -> list[i
         for f in SupervisedRun._meta.concrete_fields
         if not f.primary_key
     }
-    fields.update(status="running", worker="ghost@dead-host", publish_count=1, next_check_at=None)
+    fields.update(status="running", worker="ghost@dead-host", publish_count=1, next_check_at=None, task_id="")
     ghosts = SupervisedRun.objects.bulk_create([SupervisedRun(**fields) for _ in range(n)])
     SupervisedRun.objects.filter(pk=template.pk).delete()
     run_ids = [r.pk for r in ghosts]

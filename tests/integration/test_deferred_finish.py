@@ -21,7 +21,8 @@ WIDE = {"SUPERVISOR_FINISH_DELAY": "30"}
 
 
 def returned(worker: object, run_id: int) -> bool:
-    return f"quiet_job[{run_id}.1] succeeded in" in worker.output()  # type: ignore[attr-defined]
+    task_id = SupervisedRun.objects.get(pk=run_id).task_id
+    return f"quiet_job[{task_id}] succeeded in" in worker.output()  # type: ignore[attr-defined]
 
 
 def test_a_worker_killed_before_writing_a_completion_runs_the_body_again(live: Live) -> None:

@@ -68,7 +68,7 @@ def test_an_expired_message_is_never_run_and_the_supervisor_ends_the_run_missed(
     run = SupervisedRun.objects.get(pk=run_id)
     assert run.started_at is None and "expired" in run.last_error
     assert not RunAttempt.objects.filter(run_id=run_id).exclude(outcome=AttemptOutcome.CANCELLED).exists()
-    assert f"project.tasks.noop[{run_id}.1] received" not in worker.output()
+    assert f"project.tasks.noop[{run.task_id}] received" not in worker.output()
 
 
 def _status(run_id: int) -> str:
