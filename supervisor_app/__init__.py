@@ -6,12 +6,12 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["LeaseLost", "NonRetryable", "RunCancelled", "SupervisedTask", "__version__"]
+__all__ = ["LeaseLost", "NonRetryable", "RunCancelled", "RunFailed", "SupervisedTask", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
     # Lazy: importing the package must not import Django models or Celery (no work at import time).
-    if name in {"LeaseLost", "NonRetryable", "RunCancelled"}:
+    if name in {"LeaseLost", "NonRetryable", "RunCancelled", "RunFailed"}:
         from .core import errors
 
         return getattr(errors, name)

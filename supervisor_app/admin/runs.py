@@ -39,6 +39,7 @@ from ..ops import dashboard
 from ..runs import mark_resolved, request_cancel, retry_now
 from .display import age, badge, human_duration, pre, pretty_json
 from .readonly import ReadOnlyInline
+from .workflows import WorkflowFilter, place
 
 #: The changelist counts at most this many matching rows (``SELECT COUNT(*) FROM (… LIMIT n)``), so
 #: a page costs the same on a million rows as on a thousand. Narrow with filters to page further.
@@ -46,7 +47,7 @@ COUNT_CAP = 10_000
 #: An action handles at most this many runs at once ("select all" on a huge table stays bounded).
 ACTION_LIMIT = 1_000
 #: Columns not needed on the changelist (potentially large JSON and text).
-LIST_DEFERRED = ("args", "kwargs", "options", "progress", "checkpoint", "last_error")
+LIST_DEFERRED = ("args", "kwargs", "options", "progress", "checkpoint", "last_error", "result")
 #: Short labels of the action buttons on a run's page (the action's description is the tooltip).
 DETAIL_BUTTONS: dict[str, Any] = {
     "retry_now": _("Retry now"),
@@ -187,12 +188,13 @@ class SupervisedRunAdmin(admin.ModelAdmin):
         TaskNameFilter,
         ("periodic_task", ScheduleFilter),
         ("created_at", admin.DateFieldListFilter),
+        WorkflowFilter,
     )
     list_select_related = ("periodic_task",)
     list_per_page = 50
     list_max_show_all = 200
-    search_fields = ("task_name", "worker", "=unique_key")
-    search_help_text = _("A run id, part of a task name or worker name, or a whole unique key.")
+    search_fields = ("task_name", "worker", "=unique_key", "=task_id")
+    search_help_text = _("A run id, part of a task name or worker name, a whole unique key or Celery task id.")
     show_full_result_count = False
     paginator = CappedPaginator
     ordering = ("-created_at", "-id")
@@ -219,7 +221,8 @@ class SupervisedRunAdmin(admin.ModelAdmin):
                 )
             },
         ),
-        (_("Progress"), {"fields": ("progress_pretty", "checkpoint_pretty")}),
+        (_("Progress"), {"fields": ("progress_pretty", "checkpoint_pretty", "result_pretty")}),
+        (_("Workflow"), {"fields": ("workflow",)}),
         (
             _("Lease"),
             {
@@ -255,6 +258,8 @@ class SupervisedRunAdmin(admin.ModelAdmin):
         "resolved",
         "progress_pretty",
         "checkpoint_pretty",
+        "result_pretty",
+        "workflow",
         "heartbeat_at",
         "heartbeat_age",
         "lease_expires_at",
@@ -397,6 +402,14 @@ class SupervisedRunAdmin(admin.ModelAdmin):
     @admin.display(description=_("checkpoint"))
     def checkpoint_pretty(self, obj: SupervisedRun) -> str:
         return pretty_json(obj.checkpoint)
+
+    @admin.display(description=_("result"))
+    def result_pretty(self, obj: SupervisedRun) -> str:
+        return pretty_json(obj.result)
+
+    @admin.display(description=_("place in its workflow"))
+    def workflow(self, obj: SupervisedRun) -> str:
+        return place(obj)
 
     @admin.display(description=_("args"))
     def args_pretty(self, obj: SupervisedRun) -> str:

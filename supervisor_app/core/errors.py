@@ -1,6 +1,6 @@
 """The exceptions task code raises (``NonRetryable``) or receives (``LeaseLost``, ``RunCancelled``).
 
-Re-exported as ``supervisor_app.NonRetryable`` (and ``LeaseLost``, ``RunCancelled``).
+Re-exported as ``supervisor_app.NonRetryable`` (and ``LeaseLost``, ``RunCancelled``, ``RunFailed``).
 """
 
 from __future__ import annotations

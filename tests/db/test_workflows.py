@@ -286,3 +286,33 @@ def test_a_chord_without_a_result_backend_fails_at_dispatch_as_in_celery(publish
     with pytest.raises(NotImplementedError):
         chord([add.s(1, 1), add.s(2, 2)])(total.s())
     assert published == []
+
+
+# --------------------------------------------------------------------------- admin
+
+
+def test_the_admin_shows_a_runs_place_and_lists_every_step_of_its_workflow(
+    published: list[broker.Message], admin_client: Any
+) -> None:
+    from django.urls import reverse
+
+    final = chain(add.s(1, 2), add.s(10), add.s(100)).apply_async()
+    for index in range(3):
+        deliver_run(add, published[index])
+    first, second, third = (SupervisedRun.objects.get(task_id=m.task_id) for m in published)
+    page = admin_client.get(reverse("admin:supervisor_app_supervisedrun_change", args=[second.pk])).content.decode()
+    # Its parent and root (the first step), its child (the third), with links, and the result it stored.
+    first_url = reverse("admin:supervisor_app_supervisedrun_change", args=[first.pk])
+    third_url = reverse("admin:supervisor_app_supervisedrun_change", args=[third.pk])
+    assert page.count(f'href="{first_url}"') == 2 and f'href="{third_url}"' in page
+    assert "every step of this workflow" in page and ">13<" in page.replace(" ", "")
+    # The workflow view: the changelist filtered to the root's steps, each with its status.
+    other = add.delay(5)  # not a step of it
+    listing = admin_client.get(
+        reverse("admin:supervisor_app_supervisedrun_changelist") + f"?workflow={first.task_id}"
+    ).content.decode()
+    for run in (first, second, third):
+        assert f'href="{reverse("admin:supervisor_app_supervisedrun_change", args=[run.pk])}' in listing
+    assert listing.count("succeeded") >= 3
+    assert f"/{other.run_id}/change/" not in listing
+    assert final.id == third.task_id
