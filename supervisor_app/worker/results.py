@@ -9,6 +9,7 @@ attempt is executing and with or without a result backend. ``.state`` maps the r
 from __future__ import annotations
 
 import logging
+import re
 import time
 from typing import Any
 
@@ -21,6 +22,9 @@ from ..models import RunAttempt, SupervisedRun
 from ..runs.results import decode_result, final_error
 
 logger = logging.getLogger("supervisor_app")
+
+#: The ids runs were published under before migration 0014.
+_LEGACY = re.compile(r"^\d+\.\d+(\.[0-9a-f]+)?$")
 
 
 class RunResult(AsyncResult):  # type: ignore[misc]
@@ -38,14 +42,19 @@ class RunResult(AsyncResult):  # type: ignore[misc]
     deduplicated: bool = False
 
     def _row(self) -> dict[str, Any] | None:
-        qs = SupervisedRun.objects.filter(task_id=self.id)
-        row = qs.values("id", "status", "result", "last_error", "finished_at", "task_name").first()
+        fields = ("id", "status", "result", "last_error", "finished_at", "task_name")
+        row = SupervisedRun.objects.filter(task_id=self.id).values(*fields).first()
+        if row is None and _LEGACY.match(str(self.id)):
+            # A handle taken before migration 0014: "<run>.<attempt>[.<token>]" named the attempt.
+            pk = int(str(self.id).split(".", 1)[0])
+            row = SupervisedRun.objects.filter(pk=pk).values(*fields).first()
         return None if row is None else dict(row)
 
     @property
     def run(self) -> SupervisedRun | None:
         """The run this handle follows (None: none recorded under this id)."""
-        return SupervisedRun.objects.filter(task_id=self.id).first()
+        row = self._row()
+        return None if row is None else SupervisedRun.objects.filter(pk=row["id"]).first()
 
     @property
     def state(self) -> str:  # type: ignore[override]

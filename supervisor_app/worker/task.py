@@ -191,7 +191,7 @@ class SupervisedTask(Task):  # type: ignore[misc]
     def AsyncResult(self, task_id: str, **kwargs: Any) -> RunResult:
         """The handle of the run ``task_id``: follows the run (see :class:`RunResult`). Celery's
         canvas asks the task for it, so a chain's or group's frozen results follow their runs too."""
-        return RunResult(task_id, backend=self.backend, task_name=self.name, app=self.app, **kwargs)
+        return RunResult(task_id, backend=self.backend, app=self.app, **kwargs)
 
     def _handle(self, task_id: str, run_id: int, deduplicated: bool) -> RunResult:
         result = self.AsyncResult(task_id)

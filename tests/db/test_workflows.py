@@ -316,3 +316,14 @@ def test_the_admin_shows_a_runs_place_and_lists_every_step_of_its_workflow(
     assert listing.count("succeeded") >= 3
     assert f"/{other.run_id}/change/" not in listing
     assert final.id == third.task_id
+
+
+def test_a_handle_taken_before_the_upgrade_still_finds_its_run(published: list[broker.Message]) -> None:
+    result = add.delay(2, 2)
+    run = run_of(result)
+    deliver_run(add, published[0])
+    # Rows recorded before migration 0014 kept no id until claimed, and handles read "<run>.<attempt>".
+    SupervisedRun.objects.filter(pk=run.pk).update(task_id="")
+    for legacy in (f"{run.pk}.1", f"{run.pk}.2.0a1b2c3d4e5f"):
+        assert add.AsyncResult(legacy).get(timeout=1) == 4
+    assert add.AsyncResult(f"{run.pk + 1000}.1").state == "PENDING"

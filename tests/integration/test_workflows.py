@@ -116,3 +116,13 @@ def test_link_and_link_error_once_each_and_get_after_a_second_attempt(redis_back
     errback = SupervisedRun.objects.get(kwargs__label="errback")
     assert errback.args == [bad.id]
     assert sorted(x for x in labels() if x in ("linked", "errback", "never")) == ["errback", "linked"]
+
+
+def test_a_chain_mixing_plain_and_supervised_steps(live: Live) -> None:
+    live.supervisor()
+    live.worker("w", concurrency=2)
+    # supervised -> plain -> supervised: each hands the value on, whoever dispatches the next step.
+    result = chain(add.s(1, 2, label="a"), plain_callback.s(label="p"), add.s(10, label="c")).apply_async()
+    assert result.get(timeout=60) == 13
+    assert labels() == ["a", "p", "c"]
+    assert SupervisedRun.objects.filter(task_name=add.name).count() == 2
