@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING
 
 from django.db import models
 from django.db.models import Q
-from django.db.models.fields.json import KeyTextTransform
 from django.db.models.functions import Now
 
 from ..core.states import ACTIVE_STATUSES, RunStatus
@@ -39,15 +38,14 @@ class RunQuerySet(models.QuerySet["SupervisedRun"]):
         """Queued attempts nobody started in time (lost message, broker down, hung prefetching worker)."""
         return self.filter(status=RunStatus.QUEUED, next_check_at__lte=Now())
 
-    # Workflows: the expressions of the ``supervisor_run_root`` / ``supervisor_run_parent`` indexes.
+    # Workflows: the expressions of the ``supervisor_run_root`` / ``supervisor_run_parent`` indexes
+    # (``options -> 'root_id'`` on PostgreSQL, compared as JSON on every backend).
 
     def in_workflow(self, root_id: str) -> RunQuerySet:
         """Every step of the workflow whose first step has Celery id ``root_id``, that step included."""
-        steps = Q(options__has_key="root_id", workflow_root=root_id) | Q(task_id=root_id)
-        return self.alias(workflow_root=KeyTextTransform("root_id", "options")).filter(steps)
+        # has_key repeats the indexes' predicate, so that PostgreSQL may use them.
+        return self.filter(Q(options__has_key="root_id", options__root_id=root_id) | Q(task_id=root_id))
 
     def children_of(self, task_id: str) -> RunQuerySet:
         """The runs the run with Celery id ``task_id`` dispatched (its chain's next step, its callbacks)."""
-        return self.alias(workflow_parent=KeyTextTransform("parent_id", "options")).filter(
-            options__has_key="parent_id", workflow_parent=task_id
-        )
+        return self.filter(options__has_key="parent_id", options__parent_id=task_id)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from django.db import models
 from django.db.models import Q
-from django.db.models.fields.json import KeyTextTransform
+from django.db.models.fields.json import KeyTransform
 
 from ..compat import check_constraint
 from ..core.ids import legacy_task_id
@@ -162,12 +162,12 @@ class SupervisedRun(models.Model):
             ),
             # The admin's workflow view: the steps of a workflow, and a step's children.
             models.Index(
-                KeyTextTransform("root_id", "options"),
+                KeyTransform("root_id", "options"),
                 condition=Q(options__has_key="root_id"),
                 name="supervisor_run_root",
             ),
             models.Index(
-                KeyTextTransform("parent_id", "options"),
+                KeyTransform("parent_id", "options"),
                 condition=Q(options__has_key="parent_id"),
                 name="supervisor_run_parent",
             ),
