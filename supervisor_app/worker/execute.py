@@ -294,24 +294,30 @@ def _run(
                 decided.append(decision)
 
         finish(lease, fail, run_id, attempt)
-        if decided and decided[0].status == RunStatus.RETRYING:
+        if not decided:
+            # Refused: a zombie's failure, while the run goes on elsewhere. Celery (a result backend,
+            # errbacks) must not hear of it.
+            raise Ignore() from None
+        if decided[0].status == RunStatus.RETRYING:
             from celery.exceptions import Retry
 
             raise Retry(exc=failure, when=decided[0].retry_in) from failure  # type: ignore[arg-type]
-        if decided and workflow:
+        if workflow:
             follow_up(run_id, failure)
         raise
     encoded = encode_result(task.name, result)
     if deferred and lease_keeper.complete(run_id, attempt, worker, encoded):
         return result  # written by this process's lease keeper, with others, within the finish delay
     lease = lease_keeper.unregister(run_id, attempt)
-    finish(
+    written = finish(
         lease,
         lambda: runs.finish_success(run_id, attempt, worker, token, encoded),
         run_id,
         attempt,
         completed=True,
     )
+    if not written:
+        raise Ignore()  # refused: a zombie's success, while the run goes on elsewhere (as above)
     if workflow:
         follow_up(run_id)
     return result
@@ -357,8 +363,9 @@ def _body_socket_cutter() -> Callable[[], None]:
 
 def finish(
     lease: Lease | None, write: Callable[[], object], run_id: int, attempt: int, completed: bool = False
-) -> None:
-    """The attempt's final write, retried through a database outage while the lease surely holds.
+) -> object:
+    """The attempt's final write, retried through a database outage while the lease surely holds;
+    returns what ``write`` returned.
 
     If the outage outlasts the lease, the outcome is dropped with a warning: the attempt is still
     `running` in the database, so the supervisor recovers it like any lost attempt (at-least-once).
@@ -375,7 +382,7 @@ def finish(
     # the claim's token, so it can't win once the run was handed on.
     until = lease.held_until if lease is not None else time.monotonic()
     try:
-        ride_out(write, until, f"run {run_id} attempt {attempt} finish")
+        return ride_out(write, until, f"run {run_id} attempt {attempt} finish")
     except UNAVAILABLE as exc:
         logger.warning(
             "run %s attempt %s: outcome not recorded, database unavailable past the lease (%s); "
