@@ -31,7 +31,8 @@ class RunResult(AsyncResult):  # type: ignore[misc]
     """The handle of a supervised run, by its Celery id (``task_id``).
 
     Reads the run (one indexed query per look); a handle whose id names no run (not dispatched yet: a
-    later chain step) is ``PENDING``. A final failure is raised as
+    later chain step) is ``PENDING``, unless a configured result backend holds a final state for it (a
+    chord's body that never ran: a header part failed), which is then what it reports. A final failure is raised as
     :class:`~supervisor_app.core.errors.RunFailed`, whose message is the run's last error (the task's
     exception type and message): the same with or without a result backend. (A result backend's
     own ``AsyncResult`` has the task's exception object, stored by the worker.)
@@ -56,16 +57,35 @@ class RunResult(AsyncResult):  # type: ignore[misc]
         row = self._row()
         return None if row is None else SupervisedRun.objects.filter(pk=row["id"]).first()
 
+    def _told(self) -> str | None:
+        """For an id no run is recorded under: the final state a configured result backend holds for
+        it (a chord's body that never ran because a header part failed), else None."""
+        from celery.backends.base import DisabledBackend
+        from celery.states import READY_STATES
+
+        if isinstance(self.backend, DisabledBackend):
+            return None
+        try:
+            status = self.backend.get_task_meta(self.id).get("status")
+        except Exception:  # the backend is down: no run, nothing known
+            logger.debug("result backend not readable for %s", self.id, exc_info=True)
+            return None
+        return str(status) if status in READY_STATES else None
+
     @property
     def state(self) -> str:  # type: ignore[override]
         row = self._row()
-        return "PENDING" if row is None else celery_state(row["status"])
+        if row is None:
+            return self._told() or "PENDING"
+        return celery_state(row["status"])
 
     status = state  # type: ignore[assignment]
 
     def ready(self) -> bool:
         row = self._row()
-        return row is not None and row["status"] in TERMINAL_STATUSES
+        if row is None:
+            return self._told() is not None
+        return row["status"] in TERMINAL_STATUSES
 
     def successful(self) -> bool:
         row = self._row()
@@ -79,7 +99,9 @@ class RunResult(AsyncResult):  # type: ignore[misc]
     def result(self) -> Any:
         """The return value once succeeded, the final error (an exception) once failed, else None."""
         row = self._row()
-        if row is None or row["status"] not in TERMINAL_STATUSES:
+        if row is None:
+            return super().result if self._told() else None
+        if row["status"] not in TERMINAL_STATUSES:
             return None
         if row["status"] == RunStatus.SUCCEEDED:
             return decode_result(row["result"])
@@ -132,6 +154,18 @@ class RunResult(AsyncResult):  # type: ignore[misc]
             row = self._row()
             if row is not None and row["status"] in TERMINAL_STATUSES:
                 break
+            if row is None and self._told() is not None:
+                # No run, but the result backend has the outcome: as Celery's own handle reads it.
+                return super().get(
+                    timeout=timeout,
+                    propagate=propagate,
+                    interval=step,
+                    no_ack=no_ack,
+                    callback=callback,
+                    on_message=on_message,
+                    on_interval=on_interval,
+                    disable_sync_subtasks=disable_sync_subtasks,
+                )
             if on_interval is not None:
                 on_interval()
             if deadline is not None and time.monotonic() >= deadline:

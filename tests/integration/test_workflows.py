@@ -50,6 +50,7 @@ def redis_backend(live: Live) -> Iterator[Live]:
     try:
         yield live
     finally:
+        app.backend.client.connection_pool.disconnect()
         app.conf.result_backend = before
         app._local.backend = app._get_backend()
 
@@ -101,7 +102,9 @@ def test_link_and_link_error_once_each_and_get_after_a_second_attempt(redis_back
     # The result backend holds the run's final outcome under the handle's id.
     from celery import current_app
 
-    assert current_app.backend.get_task_meta(ok.id)["status"] == "SUCCESS"
+    # (told right after the run's success is committed, which .get() saw first)
+    wait_until(lambda: current_app.backend.get_task_meta(ok.id)["status"] == "SUCCESS", 10, what="the backend")
+    assert current_app.backend.get_task_meta(ok.id)["result"] == 7
     bad = flaky.apply_async(
         kwargs={"mode": "fatal", "label": "doomed"},
         link=plain_callback.s(label="never"),
@@ -126,3 +129,20 @@ def test_a_chain_mixing_plain_and_supervised_steps(live: Live) -> None:
     assert result.get(timeout=60) == 13
     assert labels() == ["a", "p", "c"]
     assert SupervisedRun.objects.filter(task_name=add.name).count() == 2
+
+
+def test_a_chord_whose_part_fails_finally_fails_its_body_once(redis_backend: Live) -> None:
+    from celery.exceptions import ChordError
+
+    live = redis_backend
+    live.supervisor()
+    live.worker("w", concurrency=2)
+    header = [add.s(1, 1, label="ok"), flaky.s(mode="fatal", label="bad")]
+    result = chord(header)(total.s(label="body"))
+    # As Celery's own handle: the failed header part's error (the body's parent), once the
+    # backend's join has failed the body, for which no run is recorded.
+    with pytest.raises(NonRetryable, match="bad input"):
+        result.get(timeout=60)
+    wait_until(lambda: result.state == "FAILURE", 30, what="the body to be failed by the join")
+    assert isinstance(result.result, ChordError)
+    assert "body" not in labels() and not SupervisedRun.objects.filter(task_name=total.name).exists()
