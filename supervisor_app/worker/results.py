@@ -187,6 +187,26 @@ class RunResult(AsyncResult):  # type: ignore[misc]
 
     wait = get  # type: ignore[assignment]
 
+    def revoke(
+        self,
+        connection: Any = None,
+        terminate: bool = False,
+        signal: Any = None,
+        wait: bool = False,
+        timeout: Any = None,
+    ) -> None:
+        """Cancel the run, as the admin's cancel does: at once while no agent holds it, else at its
+        body's next lease renewal (``terminate`` and ``signal`` are not needed: the worker's lease
+        keeper stops the body in-process). Not Celery's revoke, which would make workers drop every
+        later attempt of the run, all published under this one id. An id with no run: Celery's."""
+        from .. import runs
+
+        row = self._row()
+        if row is None:
+            super().revoke(connection=connection, terminate=terminate, signal=signal, wait=wait, timeout=timeout)
+            return
+        runs.request_cancel(int(row["id"]))
+
     def maybe_throw_parents(self) -> None:
         """Raise the final error of a failed earlier step of the chain, as Celery's ``get`` does."""
         node = self.parent

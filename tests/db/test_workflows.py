@@ -327,3 +327,17 @@ def test_a_handle_taken_before_the_upgrade_still_finds_its_run(published: list[b
     for legacy in (f"{run.pk}.1", f"{run.pk}.2.0a1b2c3d4e5f"):
         assert add.AsyncResult(legacy).get(timeout=1) == 4
     assert add.AsyncResult(f"{run.pk + 1000}.1").state == "PENDING"
+
+
+def test_revoking_a_handle_cancels_its_run(published: list[broker.Message], monkeypatch: Any) -> None:
+    from celery import current_app
+
+    broadcasts: list[Any] = []
+    monkeypatch.setattr(current_app.control, "revoke", lambda *a, **k: broadcasts.append(a))
+    result = add.delay(1, 1)
+    result.revoke()
+    assert run_of(result).status == "cancelled" and result.state == "REVOKED"
+    # Not Celery's revoke: workers would drop every later attempt of the run, all under this id.
+    assert broadcasts == []
+    with pytest.raises(Exception, match="cancelled"):
+        result.get(timeout=1)

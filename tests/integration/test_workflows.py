@@ -146,3 +146,17 @@ def test_a_chord_whose_part_fails_finally_fails_its_body_once(redis_backend: Liv
     wait_until(lambda: result.state == "FAILURE", 30, what="the body to be failed by the join")
     assert isinstance(result.result, ChordError)
     assert "body" not in labels() and not SupervisedRun.objects.filter(task_name=total.name).exists()
+
+
+def test_a_chain_through_a_group_becomes_a_chord_and_completes(redis_backend: Live) -> None:
+    from celery import group
+
+    live = redis_backend
+    live.supervisor()
+    live.worker("w", concurrency=2)
+    # Celery turns chain(a, group(b, c), d) into chain(a, chord([b, c], d)): a's continuation is a chord.
+    result = chain(
+        add.s(1, 1, label="a"), group(add.s(1, label="b"), add.s(2, label="c")), total.s(label="d")
+    ).apply_async()
+    assert result.get(timeout=60) == 7  # (2 + 1) + (2 + 2)
+    assert sorted(labels()) == ["a", "b", "c", "d"] and labels()[0] == "a" and labels()[-1] == "d"
