@@ -31,16 +31,17 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from celery import current_app
+from celery import chain, current_app
 from django.db import OperationalError, connection
 
 from project.processes import Proc
+from project.tasks import add as add_step
 from project.tasks import effect_job, slow_job
 from supervisor_app.models import SupervisedRun
 from tests.conftest import Live
 from tests.faults import servers as private
 from tests.faults import tools
-from tests.faults.invariants import check
+from tests.faults.invariants import Verdict, check, check_chains
 from tests.faults.report import record
 from tests.faults.test_faults import settle
 
@@ -72,6 +73,8 @@ class Chaos:
         #: Live workers that logged an unrecoverable error, and when it was first seen (monotonic).
         self.unrecoverable: dict[str, float] = {}
         self.n = 0
+        #: Chains dispatched (issue 14): the first step's task id -> the value the last must return.
+        self.chains: dict[str, int] = {}
         self.redis = current_app.conf.broker_url.startswith("redis")
 
     def _name(self, prefix: str) -> str:
@@ -254,6 +257,14 @@ def dispatch(chaos: Chaos, i: int) -> int | None:
     """One run, like a caller would: if the database is down right now, the caller gets the error."""
     rng = chaos.rng
     try:
+        if rng.random() < 0.05:
+            # A chain of three supervised steps (issue 14): its first run; the others are checked by
+            # check_chains once every run has settled.
+            x = rng.randint(1, 100)
+            steps = (add_step.s(x, 1, label=f"chain-{i}", seconds=0.2), add_step.s(10), add_step.s(100, seconds=0.1))
+            root = chain(*steps).apply_async().parent.parent.id  # the first step's handle
+            chaos.chains[root] = x + 111
+            return int(SupervisedRun.objects.get(task_id=root).pk)
         if rng.random() < 0.8:
             return effect_job.delay(rng.randint(1, 4), rng.uniform(0.05, 0.2), f"chaos-{i}").run_id
         # A body without the helper: may run more than once (at-least-once), completes once.
@@ -329,12 +340,24 @@ def test_chaos(live: Live, capsys: Any) -> None:
             if time.monotonic() > settling:
                 raise TimeoutError(f"not settled in 240 s ({exc}); faults: {'; '.join(chaos.log)}") from None
     # A slot may be `missed` when both beats were down or the database was, past the start window.
-    verdict = check(run_ids + scheduled, expect=["succeeded", "dead", "missed"])
+    # The chains' later steps, recorded by continuations as earlier steps end: settled in turn.
+    steps: list[int] = []
+    while True:
+        found = check_chains(chaos.chains, Verdict())
+        if set(found) <= set(steps):
+            break
+        steps = found
+        settle(steps, timeout=120, watch_leases=False)
+    chained = Verdict()
+    check_chains(chaos.chains, chained)
+    verdict = check(run_ids + scheduled + steps, expect=["succeeded", "dead", "missed"])
+    verdict.violations += chained.violations
     dead = verdict.statuses["dead"]
     with capsys.disabled():
         print(f"  faults: {'; '.join(chaos.log)}")
         print(
-            f"  {len(scheduled)} scheduled runs; {verdict.summary()}; invariants {'held' if verdict.ok else 'VIOLATED'}"
+            f"  {len(scheduled)} scheduled runs, {len(chaos.chains)} chains of 3 steps; {verdict.summary()}; "
+            f"invariants {'held' if verdict.ok else 'VIOLATED'}"
         )
     record(
         f"chaos on {broker}{' quorum queues' if os.environ.get('CELERY_TASK_DEFAULT_QUEUE_TYPE') == 'quorum' else ''}, "

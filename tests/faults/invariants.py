@@ -14,6 +14,7 @@ Body re-executions of tasks *without* the helper are allowed (at-least-once exec
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -180,10 +181,40 @@ def check(
     return v
 
 
+def check_chains(chains: dict[str, int], verdict: Verdict) -> list[int]:
+    """Workflow invariants over chains of supervised ``add`` steps (root task id -> expected final
+    value): each step recorded once and at most as many as the chain has (3), in order of dispatch;
+    no step after one that did not succeed; the last step's stored value right when it succeeded; no
+    finished run left with its continuation undispatched. Adds violations to ``verdict``; returns the
+    steps' run ids (for the other invariants)."""
+    ids: list[int] = []
+    for root, expected in chains.items():
+        steps = list(SupervisedRun.objects.in_workflow(root).order_by("created_at", "id"))
+        ids += [s.pk for s in steps]
+        if not steps:
+            verdict.violations.append(f"chain {root}: no step recorded")
+            continue
+        if len(steps) > 3:
+            verdict.violations.append(f"chain {root}: {len(steps)} steps recorded for 3")
+        for before, after in itertools.pairwise(steps):
+            if before.status != RunStatus.SUCCEEDED:
+                verdict.violations.append(f"chain {root}: step {after.pk} dispatched after {before.pk} {before.status}")
+        last = steps[-1]
+        if len(steps) == 3 and last.status == RunStatus.SUCCEEDED and last.result != expected:
+            verdict.violations.append(f"chain {root}: ended with {last.result!r}, expected {expected}")
+        if len(steps) < 3 and all(s.status == RunStatus.SUCCEEDED for s in steps):
+            verdict.violations.append(f"chain {root}: stopped after {len(steps)} steps, all succeeded")
+    for pk in SupervisedRun.objects.filter(
+        pk__in=ids, follow_up=True, status__in=sorted(TERMINAL_STATUSES)
+    ).values_list("pk", flat=True):
+        verdict.violations.append(f"run {pk}: finished, its workflow continuation never dispatched")
+    return ids
+
+
 def assert_invariants(run_ids: Iterable[int] | None = None, **kwargs: object) -> Verdict:
     verdict = check(run_ids, **kwargs)  # type: ignore[arg-type]
     verdict.assert_ok()
     return verdict
 
 
-__all__ = ["EFFECT_TASKS", "Verdict", "assert_invariants", "check", "stale_running"]
+__all__ = ["EFFECT_TASKS", "Verdict", "assert_invariants", "check", "check_chains", "stale_running"]
