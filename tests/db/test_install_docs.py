@@ -24,7 +24,7 @@ def test_install_lines_use_a_checkout_or_a_wheel_with_the_defined_extras() -> No
     pyproject = (ROOT / "pyproject.toml").read_text()  # (tomllib is Python 3.11+; we support 3.10)
     section = pyproject.split("[project.optional-dependencies]\n", 1)[1].split("\n[", 1)[0]
     extras = set(re.findall(r"^([\w-]+) = \[", section, re.M))
-    assert extras == {"postgres", "metrics"}
+    assert extras == {"postgres", "metrics", "redis"}
     for path in (ROOT / "README.md", ROOT / "docs" / "quickstart.md"):
         text = path.read_text()
         assert "pip install supervisor-app" not in text and 'pip install "supervisor-app' not in text, path.name
