@@ -462,8 +462,10 @@ def bench_plain(observe: float) -> list[dict[str, Any]]:
 
 
 def clone_rows(template_id: int, n: int, overrides: dict[str, str]) -> None:
-    """INSERT … SELECT n copies of a template row (fast; follows the model's columns as they are)."""
+    """INSERT … SELECT n copies of a template row (fast; follows the model's columns as they are). Each
+    copy gets a Celery id of its own, as every run has (the column is unique)."""
     cols = [f.column for f in SupervisedRun._meta.concrete_fields if f.column != "id"]
+    overrides = {"task_id": "gen_random_uuid()::text", **overrides}
     select = [overrides.get(c, c) for c in cols]
     table = SupervisedRun._meta.db_table
     with connection.cursor() as cursor:
