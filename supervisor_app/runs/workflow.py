@@ -66,13 +66,32 @@ def follow_up(run_ids: Sequence[int] | None = None, limit: int = BATCH, error: B
     return done
 
 
+def _transient(exc: BaseException) -> bool:
+    """An outage worth trying again at the next sweep (database or broker unreachable), not a
+    continuation that can never be dispatched (a malformed signature kept with the run)."""
+    from django.db import InterfaceError, OperationalError
+    from kombu.exceptions import OperationalError as BrokerError
+
+    return isinstance(exc, OperationalError | InterfaceError | BrokerError | OSError)
+
+
 def _follow_up_one(pk: int, error: BaseException | None = None) -> int:
     using = router.db_for_write(SupervisedRun)
     with transaction.atomic(using=using):
         claimed = update_returning(pending().filter(pk=pk), _FIELDS, follow_up=False)
         if not claimed:
             return 0  # another process followed it up
-        continuation(claimed[0], error)
+        try:
+            with transaction.atomic(using=using):
+                continuation(claimed[0], error)
+        except Exception as exc:
+            if _transient(exc):
+                raise  # the whole transaction rolls back: still pending, dispatched later
+            # Never dispatchable: trying at every sweep would only repeat the error. The flag stays
+            # cleared, the run says why (its page in the admin), and the log has the traceback.
+            logger.error("run %s: workflow continuation can't be dispatched; given up", pk, exc_info=True)
+            note = f"workflow continuation not dispatched: {type(exc).__name__}: {exc}"
+            SupervisedRun.objects.filter(pk=pk).update(last_error=note[:10000])
     return 1
 
 

@@ -341,3 +341,19 @@ def test_revoking_a_handle_cancels_its_run(published: list[broker.Message], monk
     assert broadcasts == []
     with pytest.raises(Exception, match="cancelled"):
         result.get(timeout=1)
+
+
+def test_a_continuation_that_can_never_be_dispatched_is_given_up_with_a_reason(
+    published: list[broker.Message],
+) -> None:
+    result = chain(add.s(1, 2), add.s(10)).apply_async()
+    first = SupervisedRun.objects.get(task_id=published[0].task_id)
+    # A kept signature that is not one (a row edited by hand, a bug of an older version).
+    broken = {"task": add.name, "args": [], "kwargs": "not a mapping", "options": {}, "subtask_type": None}
+    SupervisedRun.objects.filter(pk=first.pk).update(options={**first.options, "chain": [broken]})
+    deliver_run(add, published[0])
+    first.refresh_from_db()
+    assert first.status == "succeeded" and not first.follow_up
+    assert first.last_error.startswith("workflow continuation not dispatched:")
+    assert runs.follow_up() == 0 and len(published) == 1  # not tried again at every sweep
+    assert result.state == "PENDING"
