@@ -19,6 +19,8 @@ from typing import Any
 CANVAS_OPTIONS = ("callbacks", "errbacks", "chain", "chord", "group_id", "group_index", "root_id", "parent_id")
 #: The ones that make a continuation to dispatch when the run ends.
 CONTINUATION_OPTIONS = ("callbacks", "errbacks", "chain", "chord")
+#: The name a worker's request (``task.request``) gives a canvas option, where it differs.
+REQUEST_NAMES: Mapping[str, str] = {"group_id": "group"}
 #: ``apply_async`` options Celery's canvas passes and a supervised dispatch has no use for (the
 #: chord's size goes to the result backend, ``add_to_parent`` to the calling task's trail).
 IGNORED_OPTIONS = ("add_to_parent", "chord_size", "publisher", "connection", "router", "result_cls")
@@ -76,7 +78,17 @@ def canvas_of(options: Mapping[str, Any], link: Any = None, link_error: Any = No
 
 def has_continuation(options: Mapping[str, Any] | None) -> bool:
     """Whether a run with these kept options has a continuation to dispatch when it ends."""
-    return bool(options) and any(options.get(name) for name in CONTINUATION_OPTIONS)  # type: ignore[union-attr]
+    return any((options or {}).get(name) for name in CONTINUATION_OPTIONS)
+
+
+def from_request(request: Any) -> dict[str, Any]:
+    """The canvas options a delivered message carried, read from its worker request."""
+    return {name: getattr(request, REQUEST_NAMES.get(name, name), None) for name in CANVAS_OPTIONS}
+
+
+def as_request(options: Mapping[str, Any]) -> dict[str, Any]:
+    """A run's kept canvas under the names of a worker request (for a request made outside one)."""
+    return {REQUEST_NAMES.get(name, name): options.get(name) for name in CANVAS_OPTIONS}
 
 
 def celery_state(status: str) -> str:

@@ -10,9 +10,6 @@ from ..core.errors import RunFailed
 
 logger = logging.getLogger("supervisor_app")
 
-#: What a return value that is not stored reads as (kept distinct from a stored None in logs only).
-NOT_STORED = None
-
 
 def encode_result(task_name: str, value: Any) -> str | None:
     """A return value as the JSON text stored with its run (kombu's JSON, as Celery's result
@@ -26,7 +23,7 @@ def encode_result(task_name: str, value: Any) -> str | None:
         text = str(dumps(value))
     except (TypeError, ValueError) as exc:
         logger.warning("%s returned a value that is not JSON (%s); its run stores None", task_name, exc)
-        return NOT_STORED
+        return None
     limit = supervisor_settings.MAX_RESULT_BYTES
     if limit is not None and len(text.encode()) > limit:
         logger.warning(
@@ -35,7 +32,7 @@ def encode_result(task_name: str, value: Any) -> str | None:
             len(text.encode()),
             limit,
         )
-        return NOT_STORED
+        return None
     return text
 
 

@@ -29,7 +29,7 @@ from django.db import router, transaction
 
 from ..core.ids import legacy_task_id
 from ..core.states import TERMINAL_STATUSES, RunStatus
-from ..core.workflow import FAILED_STATUSES, child_task_id
+from ..core.workflow import FAILED_STATUSES, as_request, child_task_id
 from ..db import update_returning
 from ..models import SupervisedRun
 from .results import decode_result, final_error
@@ -143,17 +143,9 @@ def _report(app: Any, row: dict[str, Any], task_id: str, result: Any, error: Bas
         if options.get("chord"):
             logger.warning("run %s is part of a chord but no result backend is configured", row["id"])
         return
-    request = Context(
-        id=task_id,
-        task=row["task_name"],
-        group=options.get("group_id"),
-        group_index=options.get("group_index"),
-        chord=options.get("chord"),
-        root_id=options.get("root_id"),
-        parent_id=options.get("parent_id"),
-        ignore_result=False,
-        delivery_info={},
-    )
+    # Only the chord is reported through the backend (it joins it); callbacks and errbacks went above.
+    canvas = {**as_request(options), "callbacks": None, "errbacks": None, "chain": None}
+    request = Context(id=task_id, task=row["task_name"], ignore_result=False, delivery_info={}, **canvas)
     status = row["status"]
     if status == RunStatus.SUCCEEDED:
         backend.mark_as_done(task_id, result, request=request)

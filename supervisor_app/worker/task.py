@@ -22,7 +22,14 @@ from ..core.delay import dispatch_delay
 from ..core.ids import new_task_id
 from ..core.policies import RunPolicy
 from ..core.retry import RetryPolicy, exception_types
-from ..core.workflow import CANVAS_OPTIONS, CONTINUATION_OPTIONS, IGNORED_OPTIONS, canvas_of, has_continuation
+from ..core.workflow import (
+    CANVAS_OPTIONS,
+    CONTINUATION_OPTIONS,
+    IGNORED_OPTIONS,
+    canvas_of,
+    from_request,
+    has_continuation,
+)
 from ..models import AdoptedMessage
 from ..runs import effects
 from . import execute
@@ -300,18 +307,7 @@ class SupervisedTask(Task):  # type: ignore[misc]
         message_id = str(request.id) if request.id else None
         try:
             # The message's canvas (a plain send_task with link=, a chain step) becomes the run's.
-            canvas = canvas_of(
-                {
-                    "callbacks": request.callbacks,
-                    "errbacks": request.errbacks,
-                    "chain": request.chain,
-                    "chord": request.chord,
-                    "group_id": request.group,
-                    "group_index": request.group_index,
-                    "root_id": request.root_id,
-                    "parent_id": request.parent_id,
-                }
-            )
+            canvas = canvas_of(from_request(request))
             run = runs.create_run(
                 self.name,
                 args,

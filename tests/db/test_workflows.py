@@ -20,6 +20,7 @@ from project.models import Execution
 from project.tasks import add, add_fail_once, failed_step, flaky, total
 from supervisor_app import broker, runs
 from supervisor_app.core.errors import RunFailed
+from supervisor_app.core.workflow import as_request
 from supervisor_app.models import SupervisedRun
 from supervisor_app.supervisor import run_sweep
 from supervisor_app.worker.results import RunResult
@@ -37,19 +38,7 @@ def published(monkeypatch: pytest.MonkeyPatch) -> list[broker.Message]:
 
 def deliver_run(task: Any, message: broker.Message) -> Any:
     """Execute a captured message as a worker would: its id, run headers and canvas."""
-    options = message.options
-    request = {
-        broker.HEADER_RUN: message.run_id,
-        broker.HEADER_ATTEMPT: message.attempt,
-        "callbacks": options.get("callbacks"),
-        "errbacks": options.get("errbacks"),
-        "chain": options.get("chain"),
-        "chord": options.get("chord"),
-        "group": options.get("group_id"),
-        "group_index": options.get("group_index"),
-        "root_id": options.get("root_id"),
-        "parent_id": options.get("parent_id"),
-    }
+    request = {broker.HEADER_RUN: message.run_id, broker.HEADER_ATTEMPT: message.attempt, **as_request(message.options)}
     task.push_request(id=message.task_id, hostname="w@test", called_directly=False, is_eager=False, **request)
     try:
         return task(*message.args, **message.kwargs)
