@@ -1,7 +1,8 @@
 """Lazy, typed access to the ``SUPERVISOR_*`` settings.
 
-Every value is read from ``django.conf.settings`` at access time, never cached at import, so
-``override_settings`` and per-test settings work. Durations are accepted as seconds (int or float)
+Every value is read from ``django.conf.settings`` on first use and kept until a setting changes
+(Django's ``setting_changed``, sent by ``override_settings`` and pytest-django's ``settings``), never
+read at import: the agent reads several of them for every task. Durations are accepted as seconds (int or float)
 or as :class:`datetime.timedelta` and are always returned as float seconds.
 """
 
@@ -12,6 +13,7 @@ from datetime import timedelta
 from typing import Any
 
 from django.conf import settings as django_settings
+from django.core.signals import setting_changed
 
 PREFIX = "SUPERVISOR_"
 
@@ -337,9 +339,19 @@ def _seconds(name: str, value: Any) -> float | None:
 class SupervisorSettings:
     """Attribute access to ``SUPERVISOR_<NAME>`` with the defaults of :data:`SETTINGS`."""
 
+    def __init__(self) -> None:
+        self._read: dict[str, Any] = {}
+
     def raw(self, name: str) -> Any:
-        spec = SETTINGS[name]
-        return getattr(django_settings, PREFIX + name, spec.default)
+        try:
+            return self._read[name]
+        except KeyError:
+            value = self._read[name] = getattr(django_settings, PREFIX + name, SETTINGS[name].default)
+            return value
+
+    def forget(self, **kwargs: Any) -> None:
+        """Drop the values read so far (a setting changed)."""
+        self._read.clear()
 
     def __getattr__(self, name: str) -> Any:
         if name not in SETTINGS:
@@ -416,3 +428,4 @@ class SupervisorSettings:
 
 
 supervisor_settings = SupervisorSettings()
+setting_changed.connect(supervisor_settings.forget, weak=False, dispatch_uid="supervisor_app.settings")

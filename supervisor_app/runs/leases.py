@@ -13,8 +13,9 @@ whose plans PostgreSQL keeps per session: sent as text, the statement was planne
 planning cost more than executing. Until that migration is applied, the same statements go as text
 (``_CLAIM_PG``, ``_SUCCEED_PG``, which the functions mirror). Never a
 multi-statement string: psycopg2, psycopg 3 with server-side binding (prepared statements) and
-PgBouncer in transaction mode all accept one statement. Statuses reach the SQL as parameters, from
-the moves of ``core.states``.
+PgBouncer in transaction mode all accept one statement. Statuses come from the moves of
+``core.states``: parameters of the text statements, literals of the two per-task calls (sent through
+the driver's own cursor, :func:`~supervisor_app.db.driver_cursor`, when nothing observes Django's).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from __future__ import annotations
 import json
 import operator
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from functools import reduce
@@ -36,7 +37,14 @@ from .. import signals
 from ..conf import supervisor_settings
 from ..core.retry import FailureDecision
 from ..core.states import CLAIM, FAILURE_MOVES, STOP_CANCELLED, SUCCEED, AttemptOutcome, RunStatus
-from ..db import ASYNC_COMMIT_CONDITION, after, single_statement_connection, undefined_function, update_returning
+from ..db import (
+    ASYNC_COMMIT_CONDITION,
+    after,
+    driver_cursor,
+    single_statement_connection,
+    undefined_function,
+    update_returning,
+)
 from ..models import RunAttempt, SupervisedRun, SupervisionPolicy
 from . import rows
 from .notify import send_on_commit
@@ -131,12 +139,37 @@ WITH finished AS (
 SELECT id, attempt FROM finished
 """
 
+
+def _literal(value: str) -> str:
+    """A status of ``core.states`` as an SQL literal, for the per-task calls below: constants cost
+    the client nothing to send, parameters cost a conversion each. Only plain words qualify."""
+    if not value.replace("_", "").isalpha():
+        raise ValueError(f"not a status: {value!r}")
+    return f"'{value}'"
+
+
+def _call(select: str, arguments: str, *constants: str) -> dict[bool, str]:
+    """``select(arguments, constants…, async)``, one text for each ``async`` setting."""
+    fixed = ", ".join(_literal(c) for c in constants)
+    return {flag: f"{select}({arguments}, {fixed}, {str(flag).lower()})" for flag in (False, True)}
+
+
 #: The same claim and success, as calls of migration 0013's functions (the process falls back to the
-#: text statements above while the functions are missing).
-_CLAIM_CALL = """SELECT * FROM supervisor_claim_v1(%(run_id)s::bigint, %(attempt)s::integer, %(worker)s::text,
-    %(task_id)s::text, %(token)s::uuid, %(source)s::text, %(target)s::text, %(outcome)s::text, %(async)s::boolean)"""
-_SUCCEED_CALL = """SELECT supervisor_succeed_v1(%(run_id)s::bigint, %(attempt)s::integer, %(token)s::uuid,
-    %(source)s::text, %(target)s::text, %(outcome)s::text, %(async)s::boolean)"""
+#: text statements above while the functions are missing); positional, through the driver's cursor.
+_CLAIM_CALL = _call(
+    "SELECT * FROM supervisor_claim_v1",
+    "%s::bigint, %s::integer, %s::text, %s::text, %s::uuid",
+    CLAIM.source,
+    CLAIM.target,
+    AttemptOutcome.RUNNING.value,
+)
+_SUCCEED_CALL = _call(
+    "SELECT supervisor_succeed_v1",
+    "%s::bigint, %s::integer, %s::uuid",
+    SUCCEED.source,
+    SUCCEED.target,
+    AttemptOutcome.SUCCEEDED.value,
+)
 
 
 class _Functions:
@@ -145,20 +178,24 @@ class _Functions:
     present: bool | None = None
 
 
-def _execute(conn: Any, call: str, text: str, params: dict[str, Any]) -> Any:
-    """Run the function ``call``, or the statement ``text`` while the function is missing; returns
-    the cursor's first row."""
+def _execute(
+    conn: Any, call: dict[bool, str], arguments: Sequence[Any], fallback: Callable[[], tuple[str, dict[str, Any]]]
+) -> Any:
+    """Run the function ``call`` with ``arguments``, or the statement and parameters ``fallback()``
+    gives while the function is missing; returns the cursor's first row."""
+    if _Functions.present is not False:
+        try:
+            with driver_cursor(conn) as cursor:
+                cursor.execute(call[bool(supervisor_settings.raw("ASYNC_AGENT_COMMIT"))], arguments)
+                row = cursor.fetchone()
+            _Functions.present = True
+            return row
+        except ProgrammingError as exc:
+            if not undefined_function(exc) or conn.in_atomic_block:
+                raise
+            _Functions.present = False  # autocommit: the failed call left nothing behind
     with conn.cursor() as cursor:
-        if _Functions.present is not False:
-            try:
-                cursor.execute(call, {**params, "async": bool(supervisor_settings.raw("ASYNC_AGENT_COMMIT"))})
-                _Functions.present = True
-                return cursor.fetchone()
-            except ProgrammingError as exc:
-                if not undefined_function(exc) or conn.in_atomic_block:
-                    raise
-                _Functions.present = False  # autocommit: the failed call left nothing behind
-        cursor.execute(text, params)
+        cursor.execute(*fallback())
         return cursor.fetchone()
 
 
@@ -233,23 +270,29 @@ def _claim(
 ) -> Claim | None:
     conn = single_statement_connection(_using())
     if conn is not None:
-        params = {
-            "ckey": limit[0] if limit else "",
-            "limit": limit[1] if limit else 0,
-            "token": token,
-            "run_id": run_id,
-            "attempt": attempt,
-            "worker": worker[:255],
-            "task_id": task_id[:255],
-            "source": CLAIM.source,
-            "target": CLAIM.target,
-            "outcome": AttemptOutcome.RUNNING.value,
-        }
+        worker, task_id = worker[:255], task_id[:255]
+
+        def statement(parts: dict[str, str]) -> tuple[str, dict[str, Any]]:
+            params = {
+                "ckey": limit[0] if limit else "",
+                "limit": limit[1] if limit else 0,
+                "token": token,
+                "run_id": run_id,
+                "attempt": attempt,
+                "worker": worker,
+                "task_id": task_id,
+                "source": CLAIM.source,
+                "target": CLAIM.target,
+                "outcome": AttemptOutcome.RUNNING.value,
+            }
+            return _sql(_CLAIM_PG, conn, **parts), params
+
         if limit is None:
-            row = _execute(conn, _CLAIM_CALL, _sql(_CLAIM_PG, conn, **_UNLIMITED), params)
+            arguments = (run_id, attempt, worker, task_id, token)
+            row = _execute(conn, _CLAIM_CALL, arguments, lambda: statement(_UNLIMITED))
         else:
             with conn.cursor() as cursor:
-                cursor.execute(_sql(_CLAIM_PG, conn, **_LIMITED), params)
+                cursor.execute(*statement(_LIMITED))
                 row = cursor.fetchone()
         if row is None:
             return None
@@ -406,7 +449,9 @@ def finish_success(
             "outcome": AttemptOutcome.SUCCEEDED.value,
         }
         if result is None:
-            won = _execute(conn, _SUCCEED_CALL, _sql(_SUCCEED_PG, conn, result_set=""), params)[0] == 1
+            arguments = (run_id, attempt, params["token"])
+            fallback = (_sql(_SUCCEED_PG, conn, result_set=""), params)
+            won = _execute(conn, _SUCCEED_CALL, arguments, lambda: fallback)[0] == 1
         else:
             with conn.cursor() as cursor:
                 cursor.execute(_sql(_SUCCEED_PG, conn, result_set=_RESULT_SET), params)

@@ -29,11 +29,21 @@ def test_defaults_are_documented_and_valid(settings: Any) -> None:
     assert all(spec.doc for spec in SETTINGS.values())
 
 
-def test_settings_are_read_at_access_time(settings: Any) -> None:
+def test_settings_are_read_again_whenever_one_changes(settings: Any) -> None:
+    """Values are kept once read (the agent reads several a task), and dropped on Django's
+    ``setting_changed``: ``override_settings``, pytest-django's ``settings``."""
+    from django.test import override_settings
+
     settings.SUPERVISOR_LEASE_TIMEOUT = timedelta(minutes=2)
     assert supervisor_settings.lease_timeout == 120.0
     settings.SUPERVISOR_LEASE_TIMEOUT = 7.5
     assert supervisor_settings.lease_timeout == 7.5
+    assert supervisor_settings.FINISH_DELAY == 0.05  # the default, now kept
+    with override_settings(SUPERVISOR_FINISH_DELAY=0.2):
+        assert supervisor_settings.FINISH_DELAY == 0.2
+    assert supervisor_settings.FINISH_DELAY == 0.05
+    del settings.SUPERVISOR_LEASE_TIMEOUT  # back to the default
+    assert supervisor_settings.lease_timeout == SETTINGS["LEASE_TIMEOUT"].default
 
 
 def test_lease_not_longer_than_heartbeat_is_an_error(settings: Any) -> None:

@@ -144,7 +144,7 @@ def test_agent_writes_are_one_statement_with_asynchronous_commit_inside_it(
     assert won is not None
     # Migration 0013's function, planned once per session; asynchronous commit is its parameter.
     sql = queries.captured_queries[0]["sql"]
-    assert ";" not in sql.strip().rstrip(";") and "supervisor_claim_v1(" in sql and "true::boolean" in sql
+    assert ";" not in sql.strip().rstrip(";") and "supervisor_claim_v1(" in sql and sql.endswith(", true)")
     with transaction.atomic(), connection.cursor() as cursor:
         # In force for the transaction of the call that wrote (here, the caller's).
         cursor.execute(
@@ -191,6 +191,42 @@ def test_a_database_without_the_agent_functions_falls_back_to_text_statements(
     finally:
         with connection.cursor() as cursor:
             cursor.execute("ALTER FUNCTION supervisor_claim_v1_hidden RENAME TO supervisor_claim_v1")
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_the_per_task_statements_skip_django_s_cursor_only_when_nothing_observes_it(
+    dispatched: Callable[..., int],
+) -> None:
+    """The claim and the success go through the driver's cursor (a tenth of a millisecond a task
+    less): its errors still arrive as Django's, and the connection is still judged after one. With an
+    execute wrapper installed (tracing, instrumentation), they go through Django's cursor, seen."""
+    from django.db import DataError, connection
+
+    run_id = dispatched()
+    with pytest.raises(DataError):
+        runs.claim(run_id, 1, "w", token="not-a-uuid")  # the driver's error, as Django's
+    assert connection.is_usable()
+    seen: list[str] = []
+
+    def wrapper(execute: Any, sql: str, params: Any, many: bool, context: Any) -> Any:
+        seen.append(sql)
+        return execute(sql, params, many, context)
+
+    with connection.execute_wrapper(wrapper):
+        won = runs.claim(run_id, 1, "w")
+        assert won is not None
+        assert runs.finish_success(run_id, 1, "w", won.token) is True
+    assert [sql.split("(")[0] for sql in seen] == [
+        "SELECT * FROM supervisor_claim_v1",
+        "SELECT supervisor_succeed_v1",
+    ]
+    # Without one: nothing in between, the same outcome.
+    again = dispatched()
+    won = runs.claim(again, 1, "w")
+    assert won is not None and runs.finish_success(again, 1, "w", won.token) is True
+    assert SupervisedRun.objects.get(pk=again).status == RunStatus.SUCCEEDED
+    assert len(seen) == 2
 
 
 def test_expired_lease_is_recovered_once_and_the_zombie_is_fenced(
