@@ -129,27 +129,67 @@ PROCRASTINATE_DB = f"{BENCH_DB}_procrastinate"
 DCR_TABLE = "django_celery_results_taskresult"
 
 
+#: Process roles whose CPU time the overhead bench accounts per task (see :func:`cpu_seconds`).
+CPU_ROLES = ("worker main", "pool processes", "PostgreSQL", "RabbitMQ")
+
+
+def cpu_seconds(worker_pid: int) -> dict[str, float]:
+    """CPU seconds (user + system) used so far by each role's processes, from ``/proc``: the worker's
+    main process, its pool processes, every PostgreSQL and RabbitMQ server process. Throughput on a
+    shared 2-core machine moves with what else runs; CPU time per task moves much less, and tells
+    where a task's cost goes. Processes that exited in between are not counted (none do here)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = dict.fromkeys(CPU_ROLES, 0.0)
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        comm = text[text.index("(") + 1 : text.rindex(")")]
+        fields = text[text.rindex(")") + 2 :].split()
+        pid, ppid, used = int(stat.parent.name), int(fields[1]), (int(fields[11]) + int(fields[12])) / tick
+        role = (
+            "worker main"
+            if pid == worker_pid
+            else "pool processes"
+            if ppid == worker_pid
+            else "PostgreSQL"
+            if comm == "postgres" or comm.startswith("postgres:")
+            else "RabbitMQ"
+            if comm == "beam.smp"
+            else None
+        )
+        if role is not None:
+            out[role] += used
+    return out
+
+
 def drain(
     name: str,
     n: int,
     fill: Callable[[], None],
     env: dict[str, str] | None = None,
     recorded: Callable[[], float] | None = None,
-) -> tuple[float, float]:
+) -> tuple[float, float, dict[str, float]]:
     """Fill the queue with ``n`` messages, then start a worker and time it from ready to the last task:
-    its last "succeeded in" line, or ``recorded()`` (when the last one is in the database) if given."""
+    its last "succeeded in" line, or ``recorded()`` (when the last one is in the database) if given.
+    Returns tasks/s, dispatch seconds per task, and CPU milliseconds per task by role (ready to done)."""
     purge()
     t = time.perf_counter()
     fill()
     dispatch = (time.perf_counter() - t) / n
     worker = spawn_worker(name, LOGS, {"SUPERVISOR_LOG_LEVEL": "WARNING", **(env or {})}, concurrency=2)
     try:
+        worker.wait_for_output("ready.", 60)
+        before = cpu_seconds(worker.pid)
         wait_until(lambda: len(log_times(worker, "succeeded in")) >= n, 600, 0.2, f"{name} to drain {n} tasks")
         ready = log_times(worker, "ready.")[0]
         last = log_times(worker, "succeeded in")[-1] if recorded is None else recorded()
+        after = cpu_seconds(worker.pid)
     finally:
         worker.stop()
-    return n / (last - ready), dispatch
+    cpu = {role: (after[role] - before[role]) * 1000 / n for role in CPU_ROLES}
+    return n / (last - ready), dispatch, cpu
 
 
 def runs_recorded(n: int) -> float:
@@ -201,8 +241,11 @@ def prepare_procrastinate() -> tuple[Any, str | None, str | None]:
     return procrastinate_peer, procrastinate_peer.fresh_database(PG, PROCRASTINATE_DB), None
 
 
-def overhead_round(case: str, n: int, peer: Any, peer_dsn: str | None) -> dict[str, tuple[float, float]]:
-    """One case once: {case key: (tasks/s, dispatch seconds per task)}."""
+def overhead_round(
+    case: str, n: int, peer: Any, peer_dsn: str | None
+) -> dict[str, tuple[float, float, dict[str, float]]]:
+    """One case once: {case key: (tasks/s, dispatch seconds per task, CPU ms per task by role)}; the
+    Procrastinate peer's CPU is not accounted (empty)."""
     from project.tasks import noop, plain_noop, results_noop
 
     if case == "plain":
@@ -220,8 +263,8 @@ def overhead_round(case: str, n: int, peer: Any, peer_dsn: str | None) -> dict[s
     if case == "procrastinate":
         m = peer.measure(peer_dsn, n, LOGS)
         return {
-            "procrastinate": (m["one_rate"], m["one_dispatch_ms"] / 1000),
-            "procrastinate_batch": (m["batch_rate"], m["batch_dispatch_ms"] / 1000),
+            "procrastinate": (m["one_rate"], m["one_dispatch_ms"] / 1000, {}),
+            "procrastinate_batch": (m["batch_rate"], m["batch_dispatch_ms"] / 1000, {}),
         }
     raise ValueError(f"unknown overhead case {case!r}")
 
@@ -269,7 +312,7 @@ def bench_overhead(n: int, rounds: int, cases: list[str]) -> dict[str, Any]:
         if why:
             skipped["procrastinate"] = skipped["procrastinate_batch"] = why
     steps = [c for c in cases if c not in skipped]
-    samples: dict[str, list[tuple[float, float]]] = {}
+    samples: dict[str, list[tuple[float, float, dict[str, float]]]] = {}
     for r in range(rounds):
         order = steps[r % len(steps) :] + steps[: r % len(steps)]
         for case in order:
@@ -288,6 +331,9 @@ def bench_overhead(n: int, rounds: int, cases: list[str]) -> dict[str, Any]:
             "rates": rates,
             "rate": statistics.median(rates),
             "dispatch_ms": statistics.median(s[1] * 1000 for s in samples[key]),
+            "cpu_ms": {
+                role: statistics.median(s[2][role] for s in samples[key]) for role in CPU_ROLES if samples[key][0][2]
+            },
         }
         for ref in ("plain", "dcr"):
             if ref in samples:
@@ -993,6 +1039,20 @@ def overhead_markdown(o: dict[str, Any]) -> list[str]:
             f"{vs[0]} | {vs[1]} | {row['dispatch_ms']:.3f} ms |"
         )
     lines.append("")
+    measured = {key: row for key, row in table.items() if row.get("cpu_ms")}
+    if measured:
+        lines += [
+            "CPU time per task, by process, from the worker's `ready.` to its last task (milliseconds of user + "
+            "system time per task, medians; `/proc`): steadier than throughput on a shared machine, and where "
+            "each case's cost goes.",
+            "",
+            "| | " + " | ".join(CPU_ROLES) + " | total |",
+            "| --- |" + " --- |" * (len(CPU_ROLES) + 1),
+        ]
+        for row in measured.values():
+            cells = [f"{row['cpu_ms'][role]:.3f}" for role in CPU_ROLES]
+            lines.append(f"| {row['label']} | {' | '.join(cells)} | {sum(row['cpu_ms'].values()):.3f} |")
+        lines.append("")
     reasons: dict[str, list[str]] = {}
     for key, why in o["skipped"].items():
         reasons.setdefault(why, []).append(OVERHEAD_CASES[key])
