@@ -1081,16 +1081,21 @@ def overhead_markdown(o: dict[str, Any]) -> list[str]:
         f"Command: `{o['command']}`",
         "",
         "What bounds each figure (the two cores run the workers, PostgreSQL and RabbitMQ alike, so every "
-        "statement's server CPU comes out of the workers' time). Plain Celery: the broker round trip and "
-        "Celery's tracer. django-celery-results with `track_started`: two writes per task (STARTED, then "
-        "SUCCESS), each a commit that waits for the WAL flush. Supervised (default): one synchronous round trip "
-        "per task, the claim (a call of `supervisor_claim_v1`, planned once per session; it updates the run "
-        "and inserts its attempt row), plus the task's share of the batched success (one statement per "
-        "batch, but still an update of the run and its attempt row, with their index entries, per task); "
-        "both with asynchronous commit. Reaching 0.8x would take the claim off the task's path as well "
-        "(claiming prefetched messages in batches in the worker's consumer), which this release does not do. "
-        "Strict: the claim and the success, two round trips per task. Procrastinate: a fetch and a finish per "
-        "job, each a function call whose commit waits for the WAL flush.",
+        "statement's server CPU comes out of the workers' time; the CPU table above says how much). Plain "
+        "Celery: the consumer process (broker frames, Celery's strategy) and the broker round trip. "
+        "django-celery-results with `track_started`: two writes per task (STARTED, then SUCCESS), each a "
+        "commit that waits for the WAL flush. Supervised (default): one synchronous round trip per task, the "
+        "claim (a call of `supervisor_claim_v1`, planned once per session, sent through the driver's own "
+        "cursor; it updates the run and inserts its attempt row, one transaction), plus the task's share of "
+        "the batched success (one statement per batch, still an update of the run and of its attempt row per "
+        "task); both with asynchronous commit. The pool process waits for the claim's reply before the body "
+        "(the claim is what keeps a duplicate delivery from running the body twice), and PostgreSQL spends "
+        "about as much CPU on each write transaction, however small, as the pool process spends on the task: "
+        "0.8x would take the claim off the pool process's path (claimed by the worker's consumer as messages "
+        "arrive, several per transaction, with the consumer renewing a claimed message's lease until a pool "
+        "process takes it), which this release does not do. Strict: the claim and the success, two round "
+        "trips per task. Procrastinate: a fetch and a finish per job, each a function call whose commit "
+        "waits for the WAL flush.",
         "",
         "![per-task overhead](overhead.png)",
         "",
