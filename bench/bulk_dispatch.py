@@ -17,33 +17,13 @@ dropped and created anew) and BENCH_QUEUE (default ``supervisor-bench-bulk``) ke
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 import time
-from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-BENCH_DB = os.environ.get("BENCH_DB", "supervisor_bench_bulk")
-PG = "postgres://postgres@127.0.0.1:5432"
-QUEUE = os.environ.get("BENCH_QUEUE", "supervisor-bench-bulk")
-os.environ.update(
-    DATABASE_URL=f"{PG}/{BENCH_DB}",
-    CELERY_BROKER_URL=os.environ.get("BENCH_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//"),
-    CELERY_TASK_DEFAULT_QUEUE=QUEUE,
-    DJANGO_SETTINGS_MODULE="project.settings",
-    SUPERVISOR_LOG_LEVEL="WARNING",
-)
+from harness import configure, start_django  # bench/, next to this script
 
-
-def fresh_database() -> None:
-    import psycopg
-
-    with psycopg.connect(f"{PG}/postgres", autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{BENCH_DB}" WITH (FORCE)')
-        conn.execute(f'CREATE DATABASE "{BENCH_DB}"')
+BENCH_DB, QUEUE = configure("supervisor_bench_bulk", "supervisor-bench-bulk")
 
 
 def queue(purge: bool = False) -> int:
@@ -120,13 +100,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
 
-    fresh_database()
-    import django
-
-    django.setup()
-    from django.core.management import call_command
-
-    call_command("migrate", verbosity=0)
+    start_django(BENCH_DB)
     queue(purge=True)
     bulk_round(100)  # warm: connections, the producer pool, the publish plan
 

@@ -19,33 +19,21 @@ medians over the rounds:
 
 It answers where a claim's time goes: the client's share, the round trip, and the write transaction
 PostgreSQL commits for it. PostgreSQL on loopback, as ``make bench``; BENCH_DB (default
-``supervisor_bench_claim``, dropped and created anew) and BENCH_QUEUE keep it apart.
+``supervisor_bench_claim``, dropped and created anew) and BENCH_QUEUE keep it apart (``harness.py``).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 import time
 import uuid
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-BENCH_DB = os.environ.get("BENCH_DB", "supervisor_bench_claim")
-PG = "postgres://postgres@127.0.0.1:5432"
-QUEUE = os.environ.get("BENCH_QUEUE", "supervisor-bench-claim")
-os.environ.update(
-    DATABASE_URL=f"{PG}/{BENCH_DB}",
-    CELERY_BROKER_URL=os.environ.get("BENCH_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//"),
-    CELERY_TASK_DEFAULT_QUEUE=QUEUE,
-    DJANGO_SETTINGS_MODULE="project.settings",
-    SUPERVISOR_LOG_LEVEL="WARNING",
-)
+from harness import configure, start_django  # bench/, next to this script
+
+BENCH_DB, QUEUE = configure("supervisor_bench_claim", "supervisor-bench-claim")
 
 #: The claim's UPDATE alone, as migration 0013's function has it, without the attempt row.
 RUN_ONLY = """
@@ -66,14 +54,6 @@ CALL = (
     "SELECT * FROM supervisor_claim_v1(%s::bigint, %s::integer, %s::text, %s::text, %s::uuid, "
     "'queued', 'running', 'running', true)"
 )
-
-
-def fresh_database() -> None:
-    import psycopg
-
-    with psycopg.connect(f"{PG}/postgres", autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{BENCH_DB}" WITH (FORCE)')
-        conn.execute(f'CREATE DATABASE "{BENCH_DB}"')
 
 
 def queued(n: int) -> list[int]:
@@ -103,18 +83,13 @@ def main() -> None:
     parser.add_argument("-n", type=int, default=1000, help="Statements per variant and round.")
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    fresh_database()
-    import django
-
-    django.setup()
+    start_django(BENCH_DB)
     import psycopg
-    from django.core.management import call_command
     from django.db import connection
 
     from supervisor_app import runs
     from supervisor_app.models import SupervisedRun
 
-    call_command("migrate", verbosity=0)
     connection.ensure_connection()
     raw = connection.connection
     table = connection.ops.quote_name(SupervisedRun._meta.db_table)

@@ -17,6 +17,7 @@ class SupervisorAppConfig(AppConfig):
         from django.core import checks
 
         from . import checks as supervisor_checks
+        from . import conf
         from .alerts import receivers
         from .scheduling import pausing
         from .worker import interrupt, lease_keeper
@@ -26,6 +27,7 @@ class SupervisorAppConfig(AppConfig):
         checks.register(supervisor_checks.check_database, checks.Tags.compatibility)
         checks.register(supervisor_checks.check_alert_settings, checks.Tags.compatibility)
         checks.register(supervisor_checks.check_schedule_arguments, checks.Tags.database)
+        conf.connect()
         receivers.connect()
         checks.register(supervisor_checks.check_metrics, checks.Tags.compatibility)
         pausing.connect()

@@ -428,4 +428,9 @@ class SupervisorSettings:
 
 
 supervisor_settings = SupervisorSettings()
-setting_changed.connect(supervisor_settings.forget, weak=False, dispatch_uid="supervisor_app.settings")
+
+
+def connect() -> None:
+    """Connected by the app's ``ready()`` (never at import): values read are dropped when a setting
+    changes."""
+    setting_changed.connect(supervisor_settings.forget, weak=False, dispatch_uid="supervisor_app.settings")
