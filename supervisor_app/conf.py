@@ -2,8 +2,8 @@
 
 Every value is read from ``django.conf.settings`` on first use and kept until a setting changes
 (Django's ``setting_changed``, sent by ``override_settings`` and pytest-django's ``settings``), never
-read at import: the agent reads several of them for every task. Durations are accepted as seconds (int or float)
-or as :class:`datetime.timedelta` and are always returned as float seconds.
+read at import: the agent reads several of them for every task. Durations are accepted as seconds
+(int or float) or as :class:`datetime.timedelta` and are always returned as float seconds.
 """
 
 from __future__ import annotations

@@ -450,8 +450,8 @@ def finish_success(
         }
         if result is None:
             arguments = (run_id, attempt, params["token"])
-            fallback = (_sql(_SUCCEED_PG, conn, result_set=""), params)
-            won = _execute(conn, _SUCCEED_CALL, arguments, lambda: fallback)[0] == 1
+            text = lambda: (_sql(_SUCCEED_PG, conn, result_set=""), params)  # noqa: E731
+            won = _execute(conn, _SUCCEED_CALL, arguments, text)[0] == 1
         else:
             with conn.cursor() as cursor:
                 cursor.execute(_sql(_SUCCEED_PG, conn, result_set=_RESULT_SET), params)
