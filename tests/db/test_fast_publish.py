@@ -16,7 +16,7 @@ from celery.app.routes import Router, prepare
 from django.utils import timezone
 from kombu import Connection
 
-from supervisor_app import broker
+from supervisor_app import amqp_batch, broker
 from supervisor_app.runs.publishing import RunPublisher
 
 NOW = timezone.now()
@@ -239,3 +239,85 @@ def test_a_sweeps_publisher_sends_every_message_through_one_producer(monkeypatch
         )
     assert sent == 100 and len(acquired) == 1 and producer.released == 1
     assert [kw["headers"]["id"] for _, kw in producer.calls] == [f"{n}.2.x" for n in range(1, 101)]
+
+
+@pytest.mark.parametrize("url", transports())
+def test_a_batch_delivers_the_messages_send_task_sends(url: str, tmp_path: Any) -> None:
+    """Several messages in one batch (``amqp_batch``: written together on RabbitMQ, pipelined by
+    kombu on Redis, one by one elsewhere): each as ``send_task`` sends it."""
+    if url == "filesystem":
+        conn = Connection(
+            "filesystem://",
+            transport_options={"data_folder_in": tmp_path, "data_folder_out": tmp_path, "control_folder": tmp_path},
+        )
+    else:
+        conn = Connection(url)
+    name = f"fast-batch-{uuid.uuid4().hex[:8]}"
+    batch = [
+        broker.Message(
+            20 + i,
+            1 + i % 3,
+            "project.tasks.noop",
+            [i, "x" * i],
+            {"n": i},
+            broker.run_options({"queue": name, "priority": i % 2, "headers": {"i": i}}),
+            f"{20 + i}.t",
+        )
+        for i in range(6)
+    ]
+    app = current_app._get_current_object()
+    with conn:
+        producer = conn.Producer()
+        queue = app.amqp.queues[name](conn.default_channel)
+        try:
+            for message in batch:
+                broker._send_task(app, message, producer)
+            with amqp_batch.batching(producer, 100):
+                for message in batch:
+                    broker.send(message, producer=producer)
+            simple = conn.SimpleQueue(queue)
+            received = [simple.get(timeout=10) for _ in range(2 * len(batch))]
+            for one in received:
+                one.ack()
+        finally:
+            queue.delete()
+    # Priorities may reorder delivery: pair them by task id and by which path sent them.
+    by_id: dict[str, list[Any]] = {}
+    for one in received:
+        by_id.setdefault(one.headers["id"], []).append(one)
+    assert sorted(by_id) == sorted(m.task_id for m in batch)
+    for message in batch:
+        want, got = by_id[message.task_id]
+        assert got.decode() == want.decode() and got.headers == want.headers
+        assert got.headers[broker.HEADER_RUN] == message.run_id
+        for prop in ("correlation_id", "reply_to", "priority", "delivery_mode", "content_type"):
+            assert got.properties.get(prop) == want.properties.get(prop), prop
+
+
+def test_argsrepr_is_what_saferepr_writes() -> None:
+    """``broker._repr`` takes Python's ``repr`` for flat, plain arguments: always saferepr's text."""
+    import random
+
+    from celery.utils.saferepr import saferepr
+
+    rng = random.Random(15)
+    alphabet = "ab z09é€'\"\\\n\t\x00"
+
+    def text() -> str:
+        return "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 12)))
+
+    def scalar() -> Any:
+        return rng.choice([text(), rng.randint(-(10**12), 10**12), rng.choice([1.5, -0.0, 1e300]), True, None])
+
+    def value() -> Any:
+        pick = rng.random()
+        if pick < 0.1:
+            return [scalar()]  # nested: saferepr's own path
+        return scalar()
+
+    for _ in range(3000):
+        n = rng.randint(0, 12)
+        args: Any = [value() for _ in range(n)]
+        for candidate in (args, tuple(args), {text(): value() for _ in range(n)}):
+            for maxsize in (1024, 40):
+                assert broker._repr(candidate, maxsize, 3) == str(saferepr(candidate, maxsize, maxlevels=3))
