@@ -15,7 +15,7 @@ from datetime import datetime, timedelta
 from typing import Any, NamedTuple, cast
 
 from django.db import IntegrityError, connections, router, transaction
-from django.db.models import DateTimeField, Model
+from django.db.models import DateTimeField, JSONField, Model
 from django.db.models.functions import Now
 from django.db.models.sql import InsertQuery
 from django.utils import timezone
@@ -297,7 +297,10 @@ def _unnest_insert(
     qn = conn.ops.quote_name
     now = timezone.now()
     shared = shared or {}
-    columns, selected, scalars, arrays = [], [], [], []
+    columns: list[str] = []
+    selected: list[str] = []
+    scalars: list[Any] = []
+    arrays: list[tuple[str, str, Any]] = []  # (column, set-returning call, its parameter)
     for field in fields:
         column = qn(field.column)
         columns.append(column)
@@ -319,14 +322,21 @@ def _unnest_insert(
             selected.append(f"%s::{field.db_type(conn)}")
             scalars.append(field.get_db_prep_save(value, conn))
             continue
-        values = [field.get_db_prep_save(row[field.attname], conn) for row in rows]
-        arrays.append((column, f"%s::{field.db_type(conn)}[]", values))
         selected.append(f"u.{column}")
+        if isinstance(field, JSONField) and not field.null:
+            # One JSON document for the column, taken apart by the server: a jsonb[] parameter has
+            # each element serialized, then quoted into the array's text, one by one in Python.
+            encoded = json.dumps([field.get_prep_value(row[field.attname]) for row in rows], cls=field.encoder)
+            arrays.append((column, "jsonb_array_elements(%s::jsonb)", encoded))
+            continue
+        values = [field.get_db_prep_save(row[field.attname], conn) for row in rows]
+        arrays.append((column, f"unnest(%s::{field.db_type(conn)}[])", values))
     if not arrays:  # every column shared: unnest one array anyway, for the number of rows
-        arrays.append(("n", "%s::int[]", list(range(len(rows)))))
+        arrays.append(("n", "unnest(%s::int[])", list(range(len(rows)))))
+    # ROWS FROM zips the columns, row i of each together (as a multi-array unnest does).
     sql = (
         f"INSERT INTO {qn(SupervisedRun._meta.db_table)} ({', '.join(columns)}) SELECT {', '.join(selected)}"
-        f" FROM unnest({', '.join(cast_ for _, cast_, _ in arrays)}) AS u({', '.join(c for c, _, _ in arrays)})"
+        f" FROM ROWS FROM ({', '.join(call for _, call, _ in arrays)}) AS u({', '.join(c for c, _, _ in arrays)})"
     )
     return sql, scalars + [values for _, _, values in arrays]
 
