@@ -15,10 +15,9 @@ from datetime import datetime, timedelta
 from typing import Any, NamedTuple, cast
 
 from django.db import IntegrityError, connections, router, transaction
-from django.db.models import DateTimeField, JSONField, Model
+from django.db.models import DateTimeField, Model
 from django.db.models.functions import Now
 from django.db.models.sql import InsertQuery
-from django.utils import timezone
 
 from ..broker import Message, run_options
 from ..conf import supervisor_settings
@@ -29,6 +28,7 @@ from ..core.workflow import has_continuation
 from ..db import after, convert, seconds
 from ..models import AdoptedMessage, SupervisedRun
 from . import unique
+from .arrays import unnest_insert
 from .publishing import publish_batch_on_commit
 
 
@@ -260,7 +260,7 @@ def _insert_slots(chunk: Sequence[SlotRun], fields: list[Any], using: str) -> li
     qn = conn.ops.quote_name
     rows = [_slot_values(s) for s in chunk]
     if conn.vendor == "postgresql":
-        sql, params = _unnest_insert(rows, fields, conn)
+        sql, params = unnest_insert(SupervisedRun, rows, fields, conn)
     else:
         # now() + start_timeout, on the database's clock, as create_run does.
         objs: list[Model] = [SupervisedRun(**row, next_check_at=after(row["start_timeout"])) for row in rows]
@@ -276,69 +276,6 @@ def _insert_slots(chunk: Sequence[SlotRun], fields: list[Any], using: str) -> li
     field = cast(DateTimeField, SupervisedRun._meta.get_field("scheduled_for"))
     by_key = {(s.periodic_task_id, s.scheduled_for): s for s in chunk}
     return [(pk, by_key[(task_id, convert(field, raw, SupervisedRun, conn))]) for pk, task_id, raw in returned]
-
-
-def _unnest_insert(
-    rows: Sequence[Mapping[str, Any]],
-    fields: list[Any],
-    conn: Any,
-    shared: Mapping[str, Any] | None = None,
-    next_check: timedelta | None = None,
-) -> tuple[str, list[Any]]:
-    """PostgreSQL: ``INSERT … SELECT … FROM unnest(<one array per column>)``.
-
-    About twenty parameters whatever the number of rows, and no model instance per row: building a
-    500-row VALUES list costs far more than inserting it. Every column of the model is written, each
-    value prepared by its field as the ORM's insert does (defaults and ``auto_now_add`` included).
-    A column in ``shared`` has that one value in every row: one parameter, not an array (a bulk
-    dispatch varies only its arguments). ``next_check_at`` is ``now() + next_check`` (default: each
-    row's ``start_timeout``) on the database's clock, as in create_run.
-    """
-    qn = conn.ops.quote_name
-    now = timezone.now()
-    shared = shared or {}
-    columns: list[str] = []
-    selected: list[str] = []
-    scalars: list[Any] = []
-    arrays: list[tuple[str, str, Any]] = []  # (column, set-returning call, its parameter)
-    for field in fields:
-        column = qn(field.column)
-        columns.append(column)
-        if field.name == "next_check_at":
-            if next_check is not None:
-                selected.append("STATEMENT_TIMESTAMP() + %s::interval")
-                scalars.append(next_check)
-            elif "start_timeout" in shared:
-                selected.append("STATEMENT_TIMESTAMP() + %s::interval")
-                scalars.append(shared["start_timeout"])
-            else:
-                selected.append(f"STATEMENT_TIMESTAMP() + u.{qn('start_timeout')}")
-            continue
-        if field.attname in shared or field.attname not in rows[0]:
-            if field.attname in shared:
-                value = shared[field.attname]
-            else:
-                value = now if getattr(field, "auto_now_add", False) else field.get_default()
-            selected.append(f"%s::{field.db_type(conn)}")
-            scalars.append(field.get_db_prep_save(value, conn))
-            continue
-        selected.append(f"u.{column}")
-        if isinstance(field, JSONField) and not field.null:
-            # One JSON document for the column, taken apart by the server: a jsonb[] parameter has
-            # each element serialized, then quoted into the array's text, one by one in Python.
-            encoded = json.dumps([field.get_prep_value(row[field.attname]) for row in rows], cls=field.encoder)
-            arrays.append((column, "jsonb_array_elements(%s::jsonb)", encoded))
-            continue
-        values = [field.get_db_prep_save(row[field.attname], conn) for row in rows]
-        arrays.append((column, f"unnest(%s::{field.db_type(conn)}[])", values))
-    if not arrays:  # every column shared: unnest one array anyway, for the number of rows
-        arrays.append(("n", "unnest(%s::int[])", list(range(len(rows)))))
-    # ROWS FROM zips the columns, row i of each together (as a multi-array unnest does).
-    sql = (
-        f"INSERT INTO {qn(SupervisedRun._meta.db_table)} ({', '.join(columns)}) SELECT {', '.join(selected)}"
-        f" FROM ROWS FROM ({', '.join(call for _, call, _ in arrays)}) AS u({', '.join(c for c, _, _ in arrays)})"
-    )
-    return sql, scalars + [values for _, _, values in arrays]
 
 
 # --------------------------------------------------------------------------- bulk dispatch
@@ -473,7 +410,7 @@ def _insert_unnest(
 ) -> list[int]:
     conn = connections[using]
     rows = [{"args": args, "kwargs": kwargs, "task_id": task_id} for args, kwargs, task_id in calls]
-    sql, params = _unnest_insert(rows, _bulk_fields(), conn, shared=shared, next_check=next_check)
+    sql, params = unnest_insert(SupervisedRun, rows, _bulk_fields(), conn, shared=shared, next_check=next_check)
     with conn.cursor() as cursor:
         cursor.execute(f"{sql} RETURNING {conn.ops.quote_name('id')}", params)
         return [int(pk) for (pk,) in cursor.fetchall()]

@@ -9,6 +9,7 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
 from typing import Any
 
+from django.db import router
 from django.db.models import CharField, F, Value
 from django.db.models.functions import Cast, Concat, Now
 
@@ -32,6 +33,7 @@ from ..core.states import (
 from ..db import after, db_now, update_returning
 from ..models import RunAttempt, SupervisedRun
 from . import rows
+from .arrays import insert_many
 from .notify import send_many_on_commit, send_on_commit
 from .publishing import RunPublisher, message, publish_many_on_commit, publish_on_commit
 
@@ -115,11 +117,13 @@ def recover_lost_batch(
         ).update(outcome=AttemptOutcome.LOST, ended_at=Now(), error="lease expired")
     # The unique (run, number) constraint backs the conditional update: a second supervisor that
     # somehow passed it would fail here and roll its whole batch back.
-    RunAttempt.objects.bulk_create(
+    insert_many(
+        RunAttempt,
         [
-            RunAttempt(run_id=row["id"], number=row["attempt"], task_id=row["task_id"] or legacy_task_id(row["id"]))
+            {"run_id": row["id"], "number": row["attempt"], "task_id": row["task_id"] or legacy_task_id(row["id"])}
             for row in requeued
-        ]
+        ],
+        router.db_for_write(RunAttempt),
     )
     publish_many_on_commit(
         [message(by_id[row["id"]], row["attempt"], row["task_id"] or legacy_task_id(row["id"])) for row in requeued],
