@@ -1,13 +1,14 @@
 """Bulk dispatch: ``SupervisedTask.dispatch_many`` next to ``.delay()`` one at a time, on this machine.
 
-    python bench/bulk_dispatch.py [-n 10000] [--delay-n 1000] [--rounds 3]
+    python bench/bulk_dispatch.py [-n 10000] [--delay-n 1000] [--rounds 3] [--json PATH]
 
 Each round records ``n`` no-op runs with one ``dispatch_many`` call (one multi-row INSERT per 5,000
 runs, in one transaction) and times it until the transaction has committed and every message has
 been handed to the broker (the publish runs in ``on_commit``, through one producer); then the queue is
 checked to hold ``n`` messages and the table ``n`` runs. ``.delay()`` is timed on ``--delay-n`` runs,
 one at a time as a caller outside any transaction would dispatch them, for the per-run comparison.
-Prints the figures (medians over the rounds) and a Markdown table.
+Prints the figures (medians over the rounds) and a Markdown table; ``--json`` also writes the figures
+to a file (``make bench`` runs this script so, section 7 of its results).
 
 PostgreSQL and RabbitMQ on loopback, as ``make bench``. BENCH_DB (default ``supervisor_bench_bulk``,
 dropped and created anew) and BENCH_QUEUE (default ``supervisor-bench-bulk``) keep it apart from
@@ -17,8 +18,10 @@ dropped and created anew) and BENCH_QUEUE (default ``supervisor-bench-bulk``) ke
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
+from pathlib import Path
 from typing import Any
 
 from harness import configure, start_django  # bench/, next to this script
@@ -98,6 +101,7 @@ def main() -> None:
     parser.add_argument("-n", type=int, default=10_000, help="Runs per dispatch_many call.")
     parser.add_argument("--delay-n", type=int, default=1000, help="Runs dispatched one .delay() at a time.")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--json", type=Path, help="Also write the figures to this file, as JSON.")
     args = parser.parse_args()
 
     start_django(BENCH_DB)
@@ -117,6 +121,8 @@ def main() -> None:
         "delay_ms_each": round(per_delay * 1000, 3),
     }
     print(result, flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(result))
     ok = "met" if med["total"] < 1.5 else "**missed**"
     print(
         "\n".join(
