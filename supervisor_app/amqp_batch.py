@@ -165,11 +165,16 @@ def publish_frames(
 ) -> bytes:
     """The frames of one ``basic.publish`` of ``message`` (an ``amqp.Message``), byte for byte what
     py-amqp's ``frame_writer`` writes for ``channel.basic_publish``."""
+    args = _publish_args(exchange, routing_key, mandatory, immediate)
+    return _frames(channel_id, frame_max, _body(message), properties(message.properties, message.PROPERTIES), args)
+
+
+def _body(message: Any) -> bytes:
+    """A message's body as py-amqp writes it (text encoded, its encoding recorded as py-amqp does)."""
     body = message.body
     if isinstance(body, str):
         body = body.encode(message.properties.setdefault("content_encoding", "utf-8"))
-    args = _publish_args(exchange, routing_key, mandatory, immediate)
-    return _frames(channel_id, frame_max, body, properties(message.properties, message.PROPERTIES), args)
+    return bytes(body)
 
 
 def _publish_args(exchange: str, routing_key: str, mandatory: bool, immediate: bool) -> bytes:
@@ -221,39 +226,33 @@ class PublishBatch:
         timeout: float | None = None,
         confirm_timeout: float | None = None,
     ) -> None:
-        connection = self.channel.connection
-        if not connection:
-            from amqp.exceptions import RecoverableConnectionError
-
-            raise RecoverableConnectionError("basic_publish: connection closed")
-        body = message.body
-        if isinstance(body, str):
-            body = body.encode(message.properties.setdefault("content_encoding", "utf-8"))
         args = _publish_args(exchange or "", routing_key or "", mandatory, immediate)
-        props = properties(message.properties, message.PROPERTIES)
-        self._buffer.append(_frames(self.channel.channel_id, connection.frame_max, body, props, args))
+        self._add(_body(message), properties(message.properties, message.PROPERTIES), args)
         self.last = Template(message, args)
-        if len(self._buffer) >= self.max_size:
-            self.flush()
 
     def publish_like(
         self, template: Template, body: bytes, headers: Any, correlation_id: str, expiration: str | None
     ) -> None:
         """Publish ``body`` as ``template``'s message was published, with these headers, correlation id
         and expiration (None: none): the frames kombu and py-amqp would write for it, without them."""
-        connection = self.channel.connection
-        if not connection:
-            from amqp.exceptions import RecoverableConnectionError
-
-            raise RecoverableConnectionError("basic_publish: connection closed")
         props = {
             **template.message.properties,
             "application_headers": headers,
             "correlation_id": correlation_id,
             "expiration": expiration,
         }
-        encoded = properties(props, template.message.PROPERTIES)
-        self._buffer.append(_frames(self.channel.channel_id, connection.frame_max, body, encoded, template.args))
+        self._add(body, properties(props, template.message.PROPERTIES), template.args)
+
+    def _connection(self) -> Any:
+        connection = self.channel.connection
+        if not connection:
+            from amqp.exceptions import RecoverableConnectionError
+
+            raise RecoverableConnectionError("basic_publish: connection closed")
+        return connection
+
+    def _add(self, body: bytes, props: bytes, args: bytes) -> None:
+        self._buffer.append(_frames(self.channel.channel_id, self._connection().frame_max, body, props, args))
         if len(self._buffer) >= self.max_size:
             self.flush()
 
@@ -262,11 +261,7 @@ class PublishBatch:
             return
         count = len(self._buffer)
         data, self._buffer = b"".join(self._buffer), []
-        connection = self.channel.connection
-        if not connection:
-            from amqp.exceptions import RecoverableConnectionError
-
-            raise RecoverableConnectionError("basic_publish: connection closed")
+        connection = self._connection()
         try:
             connection.transport.write(data)
         except TimeoutError:
@@ -304,9 +299,14 @@ def current(producer: Any) -> PublishBatch | None:
     """The :class:`PublishBatch` of ``producer``'s open ``batch()`` block, once its first message went
     through kombu (kombu keeps it in ``_batch_local.current.session``); None otherwise, and on a kombu
     that keeps it elsewhere (its callers then publish through kombu, as before)."""
-    state = getattr(getattr(producer, "_batch_local", None), "current", None)
+    state = _state(producer)
     session = getattr(state, "session", None)
     return session if isinstance(session, PublishBatch) and not getattr(state, "aborted", True) else None
+
+
+def _state(producer: Any) -> Any:
+    """kombu's state of the producer's open ``batch()`` block (None outside one)."""
+    return getattr(getattr(producer, "_batch_local", None), "current", None)
 
 
 class Batch:
@@ -319,8 +319,7 @@ class Batch:
     def buffered(self) -> bool:
         """True once the transport made a batch (kombu's ``session``): messages are then written at
         the block's end; False where kombu publishes each at once (no batch for the transport)."""
-        state = getattr(getattr(self.producer, "_batch_local", None), "current", None)
-        return getattr(state, "session", None) is not None
+        return getattr(_state(self.producer), "session", None) is not None
 
 
 @contextmanager
