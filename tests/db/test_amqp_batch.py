@@ -153,9 +153,12 @@ def test_a_batch_writes_what_kombu_writes_one_message_at_a_time(rabbit: Any, mon
         ours = Capture()
         monkeypatch.setattr(amqp_connection.transport, "write", ours.write)
         monkeypatch.setattr(amqp_connection, "frame_writer", frame_writer(amqp_connection, ours))
+        sent_before = amqp_connection.bytes_sent
         with amqp_batch.batching(producer, 100):
             for message in batch:
                 broker.send(message, producer=producer)
+        # py-amqp's heartbeat check sees the writes (it sends a heartbeat only after a silent interval).
+        assert amqp_connection.bytes_sent == sent_before + len(batch)
     finally:
         monkeypatch.undo()
         queue.delete()
@@ -222,3 +225,29 @@ def test_a_publish_receiver_sees_every_message_of_a_batch(rabbit: Any) -> None:
         app.amqp.queues[queue_name](rabbit.default_channel).delete()
     assert seen == [m.task_id for m in batch]
     assert [r.headers["id"] for r in got] == seen and all(r.headers["traced"] == "yes" for r in got)
+
+
+@needs_rabbitmq
+def test_with_publisher_confirms_each_message_is_left_to_py_amqp() -> None:
+    """``confirm_publish`` waits for the broker's ack of each message: no batch of ours on such a
+    channel (kombu then publishes each at once), and every message arrives."""
+    app = current_app._get_current_object()
+    queue_name = f"batch-{uuid.uuid4().hex[:8]}"
+    with Connection(AMQP_URL, transport_options={"confirm_publish": True}) as conn:
+        producer = conn.Producer()
+        assert producer.channel.connection.confirm_publish
+        queue = app.amqp.queues[queue_name](conn.default_channel)
+        try:
+            batch = messages(queue_name, 4)
+            with amqp_batch.batching(producer, 100) as handle:
+                assert "create_publish_batch" not in vars(producer.channel)
+                for message in batch:
+                    broker.send(message, producer=producer)
+                assert not handle.buffered and amqp_batch.current(producer) is None
+            simple = conn.SimpleQueue(queue)
+            got = [simple.get(timeout=10) for _ in batch]
+            for one in got:
+                one.ack()
+        finally:
+            queue.delete()
+    assert sorted(r.headers["id"] for r in got) == sorted(m.task_id for m in batch)
