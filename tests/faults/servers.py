@@ -122,6 +122,18 @@ class PrivatePostgres:
         return time.monotonic() - began
 
 
+def _alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
 @dataclass
 class PrivateRabbit:
     port: int = 5673
@@ -164,9 +176,18 @@ class PrivateRabbit:
 
     def start(self) -> None:
         _own(self.dir, self.user)
+        # A killed node leaves its pid file: `wait` must not follow the dead pid.
+        (self.dir / "pid").unlink(missing_ok=True)
         env = self._env()
         wanted = [f"{k}={v}" for k, v in env.items() if k.startswith("RABBITMQ_") or k == "HOME"]
         _run([*_as(self.user), "env", *wanted, "/usr/lib/rabbitmq/bin/rabbitmq-server", "-detached"])
+        # The node writes its pid file a moment after it starts, and `wait` fails on one it reads
+        # half-written ("garbage_in_pid_file"): first the file with a live pid, then `wait`.
+        deadline = time.monotonic() + 90
+        while not _alive(self.pid()):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"RabbitMQ on port {self.port} wrote no pid file within 90 s")
+            time.sleep(0.05)
         # `wait` follows the pid file until the node has booted (await_startup needs it registered).
         self.ctl("wait", "--timeout", "90", str(self.dir / "pid"), timeout=120)
         wait_port(self.port, True, 60, "RabbitMQ")
