@@ -24,21 +24,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from harness import configure, start_django  # bench/, next to this script
+from harness import configure, queue_depth, start_django  # bench/, next to this script
 
 BENCH_DB, QUEUE = configure("supervisor_bench_bulk", "supervisor-bench-bulk")
 
 
 def queue(purge: bool = False) -> int:
-    from celery import current_app
-
-    with current_app.connection_for_write() as conn:
-        bound = current_app.amqp.queues[QUEUE](conn.default_channel)
-        bound.declare()
-        depth = int(bound.queue_declare(passive=True).message_count)
-        if purge:
-            bound.purge()
-    return depth
+    return queue_depth(QUEUE, purge)
 
 
 def reset() -> None:

@@ -46,3 +46,17 @@ def start_django(db: str) -> None:
     from django.core.management import call_command
 
     call_command("migrate", verbosity=0)
+
+
+def queue_depth(name: str, purge: bool = False) -> int:
+    """Messages ready in queue ``name`` of the app's broker (declared if missing); emptied after the
+    count when ``purge``."""
+    from celery import current_app
+
+    with current_app.connection_for_write() as conn:
+        bound = current_app.amqp.queues[name](conn.default_channel)
+        bound.declare()
+        depth = int(bound.queue_declare(passive=True).message_count)
+        if purge:
+            bound.purge()
+    return depth

@@ -16,21 +16,13 @@ import argparse
 import statistics
 import time
 
-from harness import configure, start_django  # bench/, next to this script
+from harness import configure, queue_depth, start_django  # bench/, next to this script
 
 BENCH_DB, QUEUE = configure("supervisor_bench_publish", "supervisor-bench-publish")
 
 
 def depth(purge: bool = False) -> int:
-    from celery import current_app
-
-    with current_app.connection_for_write() as conn:
-        bound = current_app.amqp.queues[QUEUE](conn.default_channel)
-        bound.declare()
-        count = int(bound.queue_declare(passive=True).message_count)
-        if purge:
-            bound.purge()
-    return count
+    return queue_depth(QUEUE, purge)
 
 
 def main() -> None:

@@ -190,15 +190,19 @@ def transports() -> list[Any]:
     return out
 
 
-@pytest.mark.parametrize("url", transports())
-def test_the_broker_delivers_the_same_message_as_send_tasks(url: str, tmp_path: Any) -> None:
+def connection_to(url: str, tmp_path: Any) -> Connection:
+    """A kombu connection to ``url`` (``filesystem``: folders under ``tmp_path``)."""
     if url == "filesystem":
-        conn = Connection(
+        return Connection(
             "filesystem://",
             transport_options={"data_folder_in": tmp_path, "data_folder_out": tmp_path, "control_folder": tmp_path},
         )
-    else:
-        conn = Connection(url)
+    return Connection(url)
+
+
+@pytest.mark.parametrize("url", transports())
+def test_the_broker_delivers_the_same_message_as_send_tasks(url: str, tmp_path: Any) -> None:
+    conn = connection_to(url, tmp_path)
     name = f"fast-wire-{uuid.uuid4().hex[:8]}"
     kept = broker.run_options({"queue": name, "priority": 4, "headers": {"tenant": "acme"}, "expires": 600})
     message = broker.Message(11, 3, "project.tasks.noop", [1, {"a": "b"}], {"x": [2]}, kept, "11.3.t")
@@ -245,13 +249,7 @@ def test_a_sweeps_publisher_sends_every_message_through_one_producer(monkeypatch
 def test_a_batch_delivers_the_messages_send_task_sends(url: str, tmp_path: Any) -> None:
     """Several messages in one batch (``amqp_batch``: written together on RabbitMQ, pipelined by
     kombu on Redis, one by one elsewhere): each as ``send_task`` sends it."""
-    if url == "filesystem":
-        conn = Connection(
-            "filesystem://",
-            transport_options={"data_folder_in": tmp_path, "data_folder_out": tmp_path, "control_folder": tmp_path},
-        )
-    else:
-        conn = Connection(url)
+    conn = connection_to(url, tmp_path)
     name = f"fast-batch-{uuid.uuid4().hex[:8]}"
     batch = [
         broker.Message(
