@@ -1,12 +1,14 @@
 """Bulk dispatch: ``SupervisedTask.dispatch_many`` next to ``.delay()`` one at a time, on this machine.
 
-    python bench/bulk_dispatch.py [-n 10000] [--delay-n 1000] [--rounds 3] [--json PATH]
+    python bench/bulk_dispatch.py [-n 10000] [--delay-n 1000] [--group-n 2000] [--rounds 3] [--json PATH]
 
 Each round records ``n`` no-op runs with one ``dispatch_many`` call (one multi-row INSERT per 5,000
 runs, in one transaction) and times it until the transaction has committed and every message has
 been handed to the broker (the publish runs in ``on_commit``, through one producer); then the queue is
 checked to hold ``n`` messages and the table ``n`` runs. ``.delay()`` is timed on ``--delay-n`` runs,
-one at a time as a caller outside any transaction would dispatch them, for the per-run comparison.
+one at a time as a caller outside any transaction would dispatch them, for the per-run comparison, and
+a Celery ``group`` of ``--group-n`` members (frozen ids, one ``apply_async`` each, as Celery applies a
+group), inside a transaction and outside one.
 Prints the figures (medians over the rounds) and a Markdown table; ``--json`` also writes the figures
 to a file (``make bench`` runs this script so, section 7 of its results).
 
@@ -88,10 +90,33 @@ def delay_round(n: int) -> float:
     return elapsed / n
 
 
+def group_round(n: int, atomic: bool) -> float:
+    """A Celery ``group`` of ``n`` supervised members, inside the caller's transaction (``atomic``) or
+    not; seconds per member until every message has been handed to the broker."""
+    from celery import group
+    from django.db import transaction
+
+    from project.tasks import slow_job
+
+    reset()
+    members = group(slow_job.s(1, step_seconds=0.0, label=f"group-{i}") for i in range(n))
+    t = time.perf_counter()
+    if atomic:
+        with transaction.atomic():
+            members.delay()
+    else:
+        members.delay()
+    elapsed = time.perf_counter() - t
+    depth = wait_for_depth(n)
+    assert depth == n, f"{depth} messages in the queue, {n} expected"
+    return elapsed / n
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("-n", type=int, default=10_000, help="Runs per dispatch_many call.")
     parser.add_argument("--delay-n", type=int, default=1000, help="Runs dispatched one .delay() at a time.")
+    parser.add_argument("--group-n", type=int, default=2000, help="Members of the group dispatched.")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", type=Path, help="Also write the figures to this file, as JSON.")
     args = parser.parse_args()
@@ -103,6 +128,8 @@ def main() -> None:
     rounds = [bulk_round(args.n) for _ in range(args.rounds)]
     med = {k: statistics.median(r[k] for r in rounds) for k in ("total", "record", "publish")}
     per_delay = statistics.median(delay_round(args.delay_n) for _ in range(args.rounds))
+    per_group = statistics.median(group_round(args.group_n, atomic=True) for _ in range(args.rounds))
+    per_group_autocommit = statistics.median(group_round(args.group_n, atomic=False) for _ in range(args.rounds))
     reset()
     result: dict[str, Any] = {
         "n": args.n,
@@ -111,6 +138,9 @@ def main() -> None:
         "record_seconds": round(med["record"], 3),
         "publish_seconds": round(med["publish"], 3),
         "delay_ms_each": round(per_delay * 1000, 3),
+        "group_n": args.group_n,
+        "group_ms_each": round(per_group * 1000, 3),
+        "group_autocommit_ms_each": round(per_group_autocommit * 1000, 3),
     }
     print(result, flush=True)
     if args.json:
@@ -120,10 +150,12 @@ def main() -> None:
         "\n".join(
             [
                 f"| runs | dispatch_many (recorded + published) | of which INSERT | of which publish "
-                f"| per run | `.delay()` per run (x{args.delay_n}) |",
-                "| --- | --- | --- | --- | --- | --- |",
+                f"| per run | `.delay()` per run (x{args.delay_n}) | `group` of {args.group_n:,} per member, "
+                "in a transaction / not |",
+                "| --- | --- | --- | --- | --- | --- | --- |",
                 f"| {args.n:,} | {med['total']:.2f} s | {med['record']:.2f} s | {med['publish']:.2f} s "
-                f"| {med['total'] / args.n * 1000:.3f} ms | {per_delay * 1000:.2f} ms |",
+                f"| {med['total'] / args.n * 1000:.3f} ms | {per_delay * 1000:.2f} ms "
+                f"| {per_group * 1000:.2f} ms / {per_group_autocommit * 1000:.2f} ms |",
                 "",
                 f"Target: {args.n:,} runs recorded and published in < 1.5 s: {ok} "
                 f"(median of {args.rounds} rounds; each round checked: {args.n:,} queued runs, {args.n:,} messages).",

@@ -141,16 +141,7 @@ def create_run(
             run = SupervisedRun.objects.create(**fields)
             AdoptedMessage.objects.create(message_id=adopted_message_id, run=run)
     elif task_id is not None:
-        # The caller named the id: a savepoint, so that finding it recorded leaves their transaction.
-        try:
-            with transaction.atomic(using=using):
-                run = _insert_ad_hoc(fields, unique_key, unique_for, using)
-        except IntegrityError:
-            existing = SupervisedRun.objects.using(using).filter(task_id=fields["task_id"]).first()
-            if existing is None:
-                raise
-            existing.deduplicated = True
-            return existing
+        run = _insert_named(fields, unique_key, unique_for, using)
     else:
         run = _insert_ad_hoc(fields, unique_key, unique_for, using)
     if run.deduplicated:
@@ -172,6 +163,44 @@ def _insert_ad_hoc(
     pk, created = unique.insert_or_find(fields, using)
     if not created:
         return unique.holder(pk, str(fields["task_name"]), unique_key)
+    return _inserted(pk, fields, using)
+
+
+def _insert_named(
+    fields: dict[str, Any], unique_key: str | None, unique_for: float | None, using: str
+) -> SupervisedRun:
+    """Insert an ad-hoc run whose Celery id the caller named (a canvas's frozen id, a dispatch
+    retried). When a run has that id already, that run is returned, ``deduplicated``: nothing is
+    recorded and the caller's transaction stays usable."""
+    if unique_key is None:
+        # One statement, no savepoint: a group's members come this way, one by one.
+        pk = unique.insert_unless_held(fields, using, unique.task_id_target(using))
+        if pk is not None:
+            return _inserted(pk, fields, using)
+    else:
+        try:
+            with transaction.atomic(using=using):  # a savepoint: either the id or the key may be held
+                return _insert_ad_hoc(fields, unique_key, unique_for, using)
+        except IntegrityError:
+            existing = _holding_task_id(fields["task_id"], using)
+            if existing is None:
+                raise
+            return existing
+    existing = _holding_task_id(fields["task_id"], using)
+    if existing is None:  # the run that held it was deleted between the two statements
+        raise IntegrityError(f"task id {fields['task_id']!r} was held by a run no longer there; nothing recorded")
+    return existing
+
+
+def _holding_task_id(task_id: str, using: str) -> SupervisedRun | None:
+    existing = SupervisedRun.objects.using(using).filter(task_id=task_id).first()
+    if existing is not None:
+        existing.deduplicated = True
+    return existing
+
+
+def _inserted(pk: int, fields: dict[str, Any], using: str) -> SupervisedRun:
+    """The run just inserted with ``fields`` under ``pk``, not read back."""
     run = SupervisedRun(pk=pk, **fields)
     run._state.adding, run._state.db = False, using
     return run

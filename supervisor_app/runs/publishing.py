@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
-from django.db import router, transaction
+from django.db import connections, router, transaction
 from django.db.models.functions import Now
 
 from .. import broker
@@ -50,14 +51,55 @@ def publish_many_on_commit(messages: Sequence[Message], publisher: RunPublisher)
         transaction.on_commit(lambda: publisher.publish_many(batch), using=router.db_for_write(SupervisedRun))
 
 
-def publish_batch_on_commit(messages: Sequence[Message]) -> None:
-    """Publish new runs after commit, through one producer."""
+class CommitBatch:
+    """New runs' first attempts, published together once the transaction that recorded them commits
+    (an ``on_commit`` callback)."""
 
-    def publish() -> None:
+    __slots__ = ("messages", "ran")
+
+    def __init__(self, messages: Sequence[Message]) -> None:
+        self.messages = list(messages)
+        self.ran = False
+
+    def __call__(self) -> None:
+        # A test's captureOnCommitCallbacks(execute=True) runs callbacks and leaves them registered:
+        # a batch that ran takes no more messages.
+        self.ran = True
         with RunPublisher() as publisher:
-            publisher.publish_many(messages)
+            publisher.publish_many(self.messages)
 
-    transaction.on_commit(publish, using=router.db_for_write(SupervisedRun))
+
+def publish_batch_on_commit(messages: Sequence[Message]) -> None:
+    """Publish new runs after commit, through one producer.
+
+    Runs recorded one after another in one transaction (a ``group``, a loop of ``.delay()``) are
+    published together: these messages join the batch registered just before, when it is the
+    transaction's last ``on_commit`` callback and was registered at the same savepoint level (so a
+    savepoint rolled back discards both, as it would discard their own callbacks). A callback
+    registered between them (the caller's) starts a new batch: callbacks still run in the order
+    they were registered. Outside a transaction, published at once, as ``on_commit`` does."""
+    using = router.db_for_write(SupervisedRun)
+    batch = _last_batch(connections[using])
+    if batch is not None:
+        batch.messages.extend(messages)
+    else:
+        transaction.on_commit(CommitBatch(messages), using=using)
+
+
+def _last_batch(connection: Any) -> CommitBatch | None:
+    """The transaction's last ``on_commit`` callback, if it is a :class:`CommitBatch` registered at
+    the current savepoint level. (``run_on_commit`` holds ``(savepoint ids, callback, robust)`` for
+    each callback, as it has since Django 1.9; ``savepoint_rollback`` drops the callbacks of a
+    savepoint rolled back.)"""
+    if not connection.in_atomic_block:
+        return None
+    hooks = getattr(connection, "run_on_commit", None)
+    if not hooks:
+        return None
+    sids, callback, _robust = hooks[-1]
+    if isinstance(callback, CommitBatch) and not callback.ran and sids == set(connection.savepoint_ids):
+        return callback
+    return None
 
 
 def publish_by_id(run_id: int, publisher: RunPublisher | None = None) -> bool:

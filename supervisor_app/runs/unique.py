@@ -97,38 +97,51 @@ def holder(pk: int, task_name: str, key: str) -> SupervisedRun:
 
 
 def _insert(fields: dict[str, Any], using: str) -> int | None:
+    qn = connections[using].ops.quote_name
+    return insert_unless_held(
+        fields, using, f"({qn('task_name')}, {qn('unique_key')}) WHERE {_predicate_sql(HOLDS_KEY, using)}"
+    )
+
+
+def insert_unless_held(fields: dict[str, Any], using: str, target: str) -> int | None:
+    """Insert the run ``fields`` describe, ``ON CONFLICT <target> DO NOTHING RETURNING id``: the new
+    run's id, or None when a run holds what the conflict target names (nothing written). One statement,
+    no savepoint: a conflict leaves the caller's transaction usable."""
     conn = connections[using]
-    qn = conn.ops.quote_name
     meta = SupervisedRun._meta
     columns = [f for f in meta.local_concrete_fields if f is not meta.pk]
     query = InsertQuery(SupervisedRun)
     query.insert_values(columns, [SupervisedRun(**fields)])
     [(sql, params)] = query.get_compiler(using=using).as_sql()
-    sql += (
-        f" ON CONFLICT ({qn('task_name')}, {qn('unique_key')}) WHERE {_holds_key_sql(conn.vendor, using)}"
-        f" DO NOTHING RETURNING {qn(str(meta.pk.column))}"
-    )
+    sql += f" ON CONFLICT {target} DO NOTHING RETURNING {conn.ops.quote_name(str(meta.pk.column))}"
     with conn.cursor() as cursor:
         cursor.execute(sql, params)
         row = cursor.fetchone()
     return None if row is None else int(row[0])
 
 
+def task_id_target(using: str) -> str:
+    """The conflict target of ``supervisor_run_unique_task_id``: a run's Celery id names one run."""
+    qn = connections[using].ops.quote_name
+    return f"({qn('task_id')}) WHERE {_predicate_sql(~Q(task_id=''), using)}"
+
+
 @cache
-def _holds_key_sql(vendor: str, using: str) -> str:
-    """``HOLDS_KEY`` as SQL with its values inline, as the index's own predicate is written.
+def _predicate_sql(condition: Q, using: str) -> str:
+    """A partial unique index's condition as SQL with its values inline, as the index's own predicate
+    is written.
 
     The conflict target names the partial index by its columns and predicate; PostgreSQL must prove
     that predicate from this text when planning, which a bound parameter (server-side binding, a
-    generic plan) would defeat, so the statuses are written as literals (checked to be plain words).
+    generic plan) would defeat, so the values are written as literals (checked to be plain words).
     """
     conn = connections[using]
     query = Query(SupervisedRun, alias_cols=False)
-    where = query.build_where(HOLDS_KEY)
+    where = query.build_where(condition)
     sql, params = where.as_sql(query.get_compiler(connection=conn), conn)
     literals = []
     for value in params:
-        if not (isinstance(value, str) and re.fullmatch(r"[a-z_]+", value)):
-            raise ValueError(f"unexpected value {value!r} in the unique key predicate")
+        if not (isinstance(value, str) and re.fullmatch(r"[a-z_]*", value)):
+            raise ValueError(f"unexpected value {value!r} in a unique index's predicate")
         literals.append(f"'{value}'")
     return str(sql % tuple(literals))

@@ -193,3 +193,84 @@ def test_delay_inside_the_callers_transaction_is_one_insert_no_commit_no_savepoi
     # Then the caller's COMMIT, and nothing else: the publish reads nothing back.
     assert [s.strip().upper() for s in after] == ["COMMIT"], after
     assert sent == [(result.run_id, 1, noop.name)]
+
+
+@pytest.fixture
+def batches(monkeypatch: pytest.MonkeyPatch, sent: list[Any]) -> list[list[int]]:
+    """The run ids each ``publish_many`` call after a commit was given, in order (publishes are
+    captured by ``sent``, nothing reaches a broker)."""
+    from supervisor_app.runs import publishing
+
+    calls: list[list[int]] = []
+    real = publishing.RunPublisher.publish_many
+
+    def publish_many(self: Any, messages: Any) -> int:
+        calls.append([m.run_id for m in messages])
+        return real(self, messages)
+
+    monkeypatch.setattr(publishing.RunPublisher, "publish_many", publish_many)
+    return calls
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_group_in_the_callers_transaction_is_one_statement_a_member_and_one_publish_after_commit(
+    sent: list[Any], batches: list[list[int]], fast_settings: Any
+) -> None:
+    """A group's members carry frozen ids: each is one INSERT … ON CONFLICT (no savepoint), and
+    the messages of the whole group leave together after the caller's commit."""
+    from celery import group
+
+    from project.tasks import add
+
+    with CaptureQueriesContext(connection) as ctx:
+        with transaction.atomic():
+            result = group(add.s(i, i) for i in range(40)).delay()
+            assert sent == [] and batches == []
+    statements = [q["sql"].lstrip().upper() for q in ctx.captured_queries]
+    assert not [s for s in statements if s.startswith(("SAVEPOINT", "RELEASE"))], statements[:5]
+    assert len([s for s in statements if s.startswith("INSERT")]) == 40
+    # The group's handles are its frozen ids: each names the run recorded for its member.
+    by_task_id = dict(SupervisedRun.objects.values_list("task_id", "pk"))
+    ids = [by_task_id[r.id] for r in result.results]
+    assert len(set(ids)) == 40 and SupervisedRun.objects.count() == 40
+    assert batches == [ids] and [run_id for run_id, _, _ in sent] == ids
+
+
+@pytest.mark.django_db(transaction=True)
+def test_dispatches_in_one_transaction_are_published_together_and_a_rolled_back_savepoint_takes_its_own(
+    sent: list[Any], batches: list[list[int]], fast_settings: Any
+) -> None:
+    with transaction.atomic():
+        a, b = noop.delay().run_id, noop.delay().run_id
+        with pytest.raises(RuntimeError), transaction.atomic():  # a savepoint, rolled back
+            noop.delay()
+            raise RuntimeError("rolled back")
+        c = noop.delay().run_id
+        with transaction.atomic():  # a savepoint, released
+            d, e = noop.delay().run_id, noop.delay().run_id
+        f = noop.delay().run_id
+    assert SupervisedRun.objects.count() == 6  # (SQLite may give the rolled-back run's id to the next)
+    # One batch per stretch of dispatches at one savepoint level; the rolled-back one is gone.
+    assert batches == [[a, b, c], [d, e], [f]]
+    assert [run_id for run_id, _, _ in sent] == [a, b, c, d, e, f]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_callback_of_the_caller_between_dispatches_keeps_its_place_and_a_rollback_publishes_nothing(
+    sent: list[Any], batches: list[list[int]], fast_settings: Any
+) -> None:
+    order: list[Any] = []
+    with transaction.atomic():
+        a = noop.delay().run_id
+        transaction.on_commit(lambda: order.append(("caller", list(sent))))
+        b = noop.delay().run_id
+    # The caller's callback ran after a's batch and before b's.
+    assert order == [("caller", [(a, 1, noop.name)])] and batches == [[a], [b]]
+    with pytest.raises(RuntimeError), transaction.atomic():
+        noop.delay()
+        noop.delay()
+        raise RuntimeError("rolled back")
+    assert len(batches) == 2 and len(sent) == 2
+    with transaction.atomic():  # the next transaction starts a batch of its own
+        g = noop.delay().run_id
+    assert batches[-1] == [g] and sent[-1] == (g, 1, noop.name)
