@@ -74,6 +74,14 @@ def _write_value(value: Any, out: bytearray) -> None:
     elif kind is float:
         out += b"d"
         out += _f64.pack(value)
+    elif (kind is tuple or kind is list) and all(type(item) in _SCALARS for item in value):
+        # An array of scalars (Celery's timelimit, in every message): no BytesIO per value.
+        items = bytearray()
+        for item in value:
+            _write_value(item, items)
+        out += b"A"
+        out += _u32.pack(len(items))
+        out += items
     else:
         from amqp.serialization import _write_item  # type: ignore[attr-defined]
 

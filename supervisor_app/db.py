@@ -9,18 +9,18 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timedelta
 from datetime import timezone as dt_timezone
 from typing import Any
 
 from django.core.exceptions import EmptyResultSet
-from django.db import connection, connections
+from django.db import connection, connections, transaction
 from django.db.models import DateTimeField, DurationField, ExpressionWrapper, Value
 from django.db.models.expressions import Combinable
 from django.db.models.functions import Now
-from django.db.models.sql import UpdateQuery
+from django.db.models.sql import InsertQuery, UpdateQuery
 from django.utils import timezone
 
 logger = logging.getLogger("supervisor_app")
@@ -76,6 +76,53 @@ def update_returning(qs: Any, returning: Sequence[str], **values: Any) -> list[d
             item[field.name] = convert(field, raw, model, conn)
         out.append(item)
     return out
+
+
+def insert_row(model: Any, values: Mapping[str, Any], using: str, conflict: str = "") -> int | None:
+    """Insert one row of ``model`` in one ``INSERT … VALUES (…) [conflict] RETURNING <pk>`` and return
+    its primary key; None when ``conflict`` (an ``ON CONFLICT … DO NOTHING`` clause) kept it out.
+
+    ``values`` by attribute name, expressions included (``after(…)``, ``Now()``); every other field
+    takes its default, ``auto_now_add`` the current time, as the ORM's insert writes them. No model
+    instance and no compiler pass per field: a dispatch's one statement, built in a fraction of what
+    ``create()`` spends (no ``pre_save``/``post_save`` signals either: the runs' tables are ours).
+    """
+    conn = connections[using]
+    meta = model._meta
+    columns: list[str] = []
+    placeholders: list[str] = []
+    params: list[Any] = []
+    compiler = None
+    now = None
+    for field in meta.local_concrete_fields:
+        if field is meta.pk:
+            continue
+        if field.attname in values:
+            value = values[field.attname]
+        elif getattr(field, "auto_now_add", False) or getattr(field, "auto_now", False):
+            value = now = now or timezone.now()
+        else:
+            value = field.get_default()
+        columns.append(conn.ops.quote_name(field.column))
+        if hasattr(value, "resolve_expression"):
+            if compiler is None:
+                compiler = InsertQuery(model).get_compiler(using=using)
+            sql, expression_params = compiler.compile(
+                value.resolve_expression(compiler.query, allow_joins=False, for_save=True)
+            )
+            placeholders.append(sql)
+            params.extend(expression_params)
+        else:
+            placeholders.append("%s")
+            params.append(field.get_db_prep_save(value, conn))
+    sql = (
+        f"INSERT INTO {conn.ops.quote_name(meta.db_table)} ({', '.join(columns)}) VALUES ({', '.join(placeholders)})"
+        f"{' ' + conflict if conflict else ''} RETURNING {conn.ops.quote_name(meta.pk.column)}"
+    )
+    with transaction.mark_for_rollback_on_error(using), conn.cursor() as cursor:
+        cursor.execute(sql, params)
+        row = cursor.fetchone()
+    return None if row is None else int(row[0])
 
 
 def convert(field: Any, raw: Any, model: Any, conn: Any) -> Any:

@@ -18,6 +18,7 @@ from django.db import IntegrityError, connections, router, transaction
 from django.db.models import DateTimeField, Model
 from django.db.models.functions import Now
 from django.db.models.sql import InsertQuery
+from django.utils import timezone
 
 from ..broker import Message, run_options
 from ..conf import supervisor_settings
@@ -25,7 +26,7 @@ from ..core.ids import new_task_id
 from ..core.policies import RunPolicy
 from ..core.states import RunStatus
 from ..core.workflow import has_continuation
-from ..db import after, convert, seconds
+from ..db import after, convert, insert_row, seconds
 from ..models import AdoptedMessage, SupervisedRun
 from . import unique
 from .arrays import unnest_insert
@@ -123,6 +124,7 @@ def create_run(
         last_error=last_error,
         task_id=str(task_id or new_task_id())[:255],
         follow_up=has_continuation(kept),
+        created_at=timezone.now(),  # what auto_now_add would set, on the instance returned too
         **_queued_values(policy),
     )
     if status != RunStatus.QUEUED:
@@ -158,7 +160,9 @@ def _insert_ad_hoc(
     """Insert an ad-hoc run; a unique one (``unique_key``) only if no run holds its key (then the
     holder is returned, ``deduplicated``)."""
     if unique_key is None:
-        return SupervisedRun.objects.using(using).create(**fields)
+        pk = insert_row(SupervisedRun, fields, using)
+        assert pk is not None  # no conflict clause: an insert either returns its id or raises
+        return _inserted(pk, fields, using)
     fields.update(unique_key=unique_key, **unique.window_values(unique_for))
     pk, created = unique.insert_or_find(fields, using)
     if not created:

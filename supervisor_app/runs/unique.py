@@ -33,10 +33,10 @@ from typing import Any
 from django.db import connections
 from django.db.models import BooleanField, ExpressionWrapper, Q
 from django.db.models.functions import Now
-from django.db.models.sql import InsertQuery, Query
+from django.db.models.sql import Query
 
 from ..core.states import ACTIVE_STATUSES
-from ..db import after
+from ..db import after, insert_row
 from ..models import SupervisedRun
 from ..models.runs import HOLDS_KEY
 
@@ -107,17 +107,7 @@ def insert_unless_held(fields: dict[str, Any], using: str, target: str) -> int |
     """Insert the run ``fields`` describe, ``ON CONFLICT <target> DO NOTHING RETURNING id``: the new
     run's id, or None when a run holds what the conflict target names (nothing written). One statement,
     no savepoint: a conflict leaves the caller's transaction usable."""
-    conn = connections[using]
-    meta = SupervisedRun._meta
-    columns = [f for f in meta.local_concrete_fields if f is not meta.pk]
-    query = InsertQuery(SupervisedRun)
-    query.insert_values(columns, [SupervisedRun(**fields)])
-    [(sql, params)] = query.get_compiler(using=using).as_sql()
-    sql += f" ON CONFLICT {target} DO NOTHING RETURNING {conn.ops.quote_name(str(meta.pk.column))}"
-    with conn.cursor() as cursor:
-        cursor.execute(sql, params)
-        row = cursor.fetchone()
-    return None if row is None else int(row[0])
+    return insert_row(SupervisedRun, fields, using, f"ON CONFLICT {target} DO NOTHING")
 
 
 def task_id_target(using: str) -> str:

@@ -53,6 +53,7 @@ HEADERS: list[dict[str, Any]] = [
     {"nested": {"a": [1, "b", None, {"c": (2.5, False)}]}, "list": [], "dict": {}},
     {"when": datetime(2026, 12, 2, 15, 0, tzinfo=timezone.utc), "d": Decimal("12.34")},
     {"ünï": "çødé ✓", "quote'": 'a"b\\c', "bytes": b"raw"},
+    {"a": [1, True, 1.0, "s✓", None, 2**40, -0.0], "t": ("x",), "e": (), "m": [Decimal("1.5"), "y"], "n": [[1], (2,)]},
 ]
 
 

@@ -274,3 +274,41 @@ def test_a_callback_of_the_caller_between_dispatches_keeps_its_place_and_a_rollb
     with transaction.atomic():  # the next transaction starts a batch of its own
         g = noop.delay().run_id
     assert batches[-1] == [g] and sent[-1] == (g, 1, noop.name)
+
+
+def test_insert_row_writes_what_the_orm_s_create_writes(sent: list[Any]) -> None:
+    """``db.insert_row`` (a dispatch's one INSERT, without the ORM's compiler) against ``create()``:
+    the same values, field for field, defaults, expressions and JSON included."""
+    from datetime import timedelta
+
+    from django.db.models.functions import Now
+
+    from supervisor_app.db import after, insert_row
+
+    values: dict[str, Any] = dict(
+        task_name="project.tasks.noop",
+        args=[1, "two", {"three": [3.0, None]}],
+        kwargs={"k": "ü", "n": None},
+        options={"queue": "q", "headers": {"h": 1}},
+        status=RunStatus.QUEUED,
+        next_check_at=after(timedelta(seconds=30)),
+        scheduled_for=None,
+        lease_timeout=timedelta(seconds=7),
+        start_timeout=timedelta(seconds=60),
+        max_runtime=None,
+        max_attempts=5,
+    )
+    pk = insert_row(SupervisedRun, {**values, "task_id": "row-1", "finished_at": Now()}, "default")
+    orm = SupervisedRun.objects.create(**{**values, "task_id": "row-2", "finished_at": Now()})
+    ours, theirs = SupervisedRun.objects.get(pk=pk), SupervisedRun.objects.get(pk=orm.pk)
+    skip = {"id", "task_id", "created_at", "next_check_at", "finished_at"}
+    fields = [f.attname for f in SupervisedRun._meta.concrete_fields if f.attname not in skip]
+    assert {f: getattr(ours, f) for f in fields} == {f: getattr(theirs, f) for f in fields}
+    assert ours.args == [1, "two", {"three": [3.0, None]}] and ours.lease_timeout == timedelta(seconds=7)
+    assert ours.created_at is not None and abs(ours.created_at - theirs.created_at) < timedelta(seconds=5)
+    assert ours.next_check_at is not None and theirs.next_check_at is not None
+    assert abs(ours.next_check_at - theirs.next_check_at) < timedelta(seconds=5)
+    assert ours.finished_at is not None and abs(ours.finished_at - ours.created_at) < timedelta(seconds=5)
+    # A conflict clause that holds: nothing written, None returned.
+    assert insert_row(SupervisedRun, {**values, "task_id": "row-1"}, "default", "ON CONFLICT DO NOTHING") is None
+    assert SupervisedRun.objects.filter(task_id="row-1").count() == 1
