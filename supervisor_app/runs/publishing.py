@@ -88,15 +88,15 @@ def publish_batch_on_commit(messages: Sequence[Message]) -> None:
 
 def _last_batch(connection: Any) -> CommitBatch | None:
     """The transaction's last ``on_commit`` callback, if it is a :class:`CommitBatch` registered at
-    the current savepoint level. (``run_on_commit`` holds ``(savepoint ids, callback, robust)`` for
-    each callback, as it has since Django 1.9; ``savepoint_rollback`` drops the callbacks of a
-    savepoint rolled back.)"""
+    the current savepoint level. (``run_on_commit`` holds ``(savepoint ids, callback, …)`` for each
+    callback, as it has since Django 1.9 (``robust`` third since 4.2); ``savepoint_rollback`` drops the
+    callbacks of a savepoint rolled back.)"""
     if not connection.in_atomic_block:
         return None
     hooks = getattr(connection, "run_on_commit", None)
     if not hooks:
         return None
-    sids, callback, _robust = hooks[-1]
+    sids, callback = hooks[-1][:2]
     if isinstance(callback, CommitBatch) and not callback.ran and sids == set(connection.savepoint_ids):
         return callback
     return None
