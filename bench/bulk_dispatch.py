@@ -7,7 +7,7 @@ runs, in one transaction) and times it until the transaction has committed and e
 been handed to the broker (the publish runs in ``on_commit``, through one producer); then the queue is
 checked to hold ``n`` messages and the table ``n`` runs. ``.delay()`` is timed on ``--delay-n`` runs,
 one at a time as a caller outside any transaction would dispatch them, for the per-run comparison, and
-a Celery ``group`` of ``--group-n`` members (frozen ids, one ``apply_async`` each, as Celery applies a
+inside one transaction (published together after its commit), and a Celery ``group`` of ``--group-n`` members (frozen ids, one ``apply_async`` each, as Celery applies a
 group), inside a transaction and outside one.
 Prints the figures (medians over the rounds) and a Markdown table; ``--json`` also writes the figures
 to a file (``make bench`` runs this script so, section 7 of its results).
@@ -90,6 +90,24 @@ def delay_round(n: int) -> float:
     return elapsed / n
 
 
+def delay_in_transaction_round(n: int) -> float:
+    """``n`` ``.delay()`` calls inside one transaction (one INSERT each, published together after the
+    commit); seconds per run until every message has been handed to the broker."""
+    from django.db import transaction
+
+    from project.tasks import slow_job
+
+    reset()
+    t = time.perf_counter()
+    with transaction.atomic():
+        for i in range(n):
+            slow_job.delay(1, step_seconds=0.0, label=f"tx-{i}")
+    elapsed = time.perf_counter() - t
+    depth = wait_for_depth(n)
+    assert depth == n, f"{depth} messages in the queue, {n} expected"
+    return elapsed / n
+
+
 def group_round(n: int, atomic: bool) -> float:
     """A Celery ``group`` of ``n`` supervised members, inside the caller's transaction (``atomic``) or
     not; seconds per member until every message has been handed to the broker."""
@@ -128,6 +146,7 @@ def main() -> None:
     rounds = [bulk_round(args.n) for _ in range(args.rounds)]
     med = {k: statistics.median(r[k] for r in rounds) for k in ("total", "record", "publish")}
     per_delay = statistics.median(delay_round(args.delay_n) for _ in range(args.rounds))
+    per_delay_tx = statistics.median(delay_in_transaction_round(args.delay_n) for _ in range(args.rounds))
     per_group = statistics.median(group_round(args.group_n, atomic=True) for _ in range(args.rounds))
     per_group_autocommit = statistics.median(group_round(args.group_n, atomic=False) for _ in range(args.rounds))
     reset()
@@ -138,6 +157,7 @@ def main() -> None:
         "record_seconds": round(med["record"], 3),
         "publish_seconds": round(med["publish"], 3),
         "delay_ms_each": round(per_delay * 1000, 3),
+        "delay_in_transaction_ms_each": round(per_delay_tx * 1000, 3),
         "group_n": args.group_n,
         "group_ms_each": round(per_group * 1000, 3),
         "group_autocommit_ms_each": round(per_group_autocommit * 1000, 3),
@@ -150,11 +170,11 @@ def main() -> None:
         "\n".join(
             [
                 f"| runs | dispatch_many (recorded + published) | of which INSERT | of which publish "
-                f"| per run | `.delay()` per run (x{args.delay_n}) | `group` of {args.group_n:,} per member, "
-                "in a transaction / not |",
+                f"| per run | `.delay()` per run (x{args.delay_n}): one by one / in one transaction "
+                f"| `group` of {args.group_n:,} per member, in a transaction / not |",
                 "| --- | --- | --- | --- | --- | --- | --- |",
                 f"| {args.n:,} | {med['total']:.2f} s | {med['record']:.2f} s | {med['publish']:.2f} s "
-                f"| {med['total'] / args.n * 1000:.3f} ms | {per_delay * 1000:.2f} ms "
+                f"| {med['total'] / args.n * 1000:.3f} ms | {per_delay * 1000:.2f} ms / {per_delay_tx * 1000:.2f} ms "
                 f"| {per_group * 1000:.2f} ms / {per_group_autocommit * 1000:.2f} ms |",
                 "",
                 f"Target: {args.n:,} runs recorded and published in < 1.5 s: {ok} "

@@ -103,7 +103,10 @@ def test_wheel_into_a_new_project_runs_a_supervised_task(tmp_path: Path, dropin_
     run([*manage, "migrate", "-v0"], work, env)
 
     log_dir = tmp_path / "logs"
+    # A node name of its own: a developer's worker on the same broker (default name celery@host) holds
+    # that name's exclusive pidbox queue, and a second celery@host exits at start (RESOURCE_LOCKED).
     worker = spawn("dropin-worker", [sys.executable, "-m", "celery", "-A", "shop", "worker", "-c", "1",
+                                     "-n", f"dropin-{os.getpid()}@%h",
                                      "--without-gossip", "--without-mingle", "--without-heartbeat", "-l", "info"],
                    log_dir, env, cwd=work)  # fmt: skip
     supervisor = spawn("dropin-supervisor", [*manage, "supervise"], log_dir, env, cwd=work)
