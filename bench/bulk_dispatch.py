@@ -77,57 +77,62 @@ def bulk_round(n: int) -> dict[str, float]:
     return {"total": done - t, "record": recorded - t, "publish": done - recorded}
 
 
-def delay_round(n: int) -> float:
-    from project.tasks import slow_job
-
+def per_run(n: int, dispatch: Any) -> float:
+    """Seconds per run of ``dispatch()`` (which dispatches ``n`` runs) until every message has been
+    handed to the broker; the queue is then checked to hold ``n`` messages."""
     reset()
     t = time.perf_counter()
-    for i in range(n):
-        slow_job.delay(1, step_seconds=0.0, label=f"one-{i}")
+    dispatch()
     elapsed = time.perf_counter() - t
     depth = wait_for_depth(n)
     assert depth == n, f"{depth} messages in the queue, {n} expected"
     return elapsed / n
+
+
+def delay_round(n: int) -> float:
+    """``n`` ``.delay()`` calls one at a time, as a caller outside any transaction makes them."""
+    from project.tasks import slow_job
+
+    def dispatch() -> None:
+        for i in range(n):
+            slow_job.delay(1, step_seconds=0.0, label=f"one-{i}")
+
+    return per_run(n, dispatch)
 
 
 def delay_in_transaction_round(n: int) -> float:
     """``n`` ``.delay()`` calls inside one transaction (one INSERT each, published together after the
-    commit); seconds per run until every message has been handed to the broker."""
+    commit)."""
     from django.db import transaction
 
     from project.tasks import slow_job
 
-    reset()
-    t = time.perf_counter()
-    with transaction.atomic():
-        for i in range(n):
-            slow_job.delay(1, step_seconds=0.0, label=f"tx-{i}")
-    elapsed = time.perf_counter() - t
-    depth = wait_for_depth(n)
-    assert depth == n, f"{depth} messages in the queue, {n} expected"
-    return elapsed / n
+    def dispatch() -> None:
+        with transaction.atomic():
+            for i in range(n):
+                slow_job.delay(1, step_seconds=0.0, label=f"tx-{i}")
+
+    return per_run(n, dispatch)
 
 
 def group_round(n: int, atomic: bool) -> float:
     """A Celery ``group`` of ``n`` supervised members, inside the caller's transaction (``atomic``) or
-    not; seconds per member until every message has been handed to the broker."""
+    not."""
     from celery import group
     from django.db import transaction
 
     from project.tasks import slow_job
 
-    reset()
     members = group(slow_job.s(1, step_seconds=0.0, label=f"group-{i}") for i in range(n))
-    t = time.perf_counter()
-    if atomic:
-        with transaction.atomic():
+
+    def dispatch() -> None:
+        if atomic:
+            with transaction.atomic():
+                members.delay()
+        else:
             members.delay()
-    else:
-        members.delay()
-    elapsed = time.perf_counter() - t
-    depth = wait_for_depth(n)
-    assert depth == n, f"{depth} messages in the queue, {n} expected"
-    return elapsed / n
+
+    return per_run(n, dispatch)
 
 
 def main() -> None:
