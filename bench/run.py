@@ -7,6 +7,7 @@ Writes bench/results.md and PNG plots in bench/. Needs PostgreSQL, RabbitMQ and 
     python bench/run.py --only beat --beat-size 1000 --beat-supervised-only --out /tmp/bench-beat
     python bench/run.py --only beat-load --out /tmp/bench-beat-load
     python bench/run.py --only overhead --overhead-rounds 3 --overhead-n 2000 --out /tmp/bench-overhead
+    python bench/run.py --render    # results.md written again from results.json, nothing measured
 
 BENCH_DB, BENCH_QUEUE and BENCH_LOGS (environment) name the database (dropped and created anew), the
 queue and the log folder under var/, so a second bench can run beside `make bench` without touching
