@@ -1036,12 +1036,15 @@ def cpu_budget_lines(o: dict[str, Any]) -> list[str]:
         spent, base = sum(case["cpu_ms"].values()), sum(ref["cpu_ms"].values())
         allowed = base / t["at_least"]
         extra_pg = case["cpu_ms"]["PostgreSQL"] - ref["cpu_ms"]["PostgreSQL"]
+        worker = ("worker main", "pool processes")
+        extra_worker = sum(case["cpu_ms"][role] - ref["cpu_ms"][role] for role in worker)
         lines.append(
             f"- {case['label']} ≥ {t['at_least']}× {ref['label']}: measured {t['ratio']:.2f}×, and "
             f"{base / spent:.2f}× by CPU ({spent:.3f} ms a task against {base:.3f}). The target allows "
             f"{allowed:.3f} ms a task"
             + (
-                f", {allowed - base:.3f} more than {ref['label']}; PostgreSQL alone spends {extra_pg:.3f} more"
+                f", {allowed - base:.3f} more than {ref['label']}; PostgreSQL alone spends {extra_pg:.3f} more, "
+                f"and the worker's own processes {extra_worker:.3f} more"
                 if allowed > base
                 else ""
             )
