@@ -5,10 +5,11 @@
 Each round records ``n`` no-op runs with one ``dispatch_many`` call (one multi-row INSERT per 5,000
 runs, in one transaction) and times it until the transaction has committed and every message has
 been handed to the broker (the publish runs in ``on_commit``, through one producer); then the queue is
-checked to hold ``n`` messages and the table ``n`` runs. ``.delay()`` is timed on ``--delay-n`` runs,
-one at a time as a caller outside any transaction would dispatch them, for the per-run comparison, and
-inside one transaction (published together after its commit), and a Celery ``group`` of ``--group-n`` members (frozen ids, one ``apply_async`` each, as Celery applies a
-group), inside a transaction and outside one.
+checked to hold ``n`` messages and the table ``n`` runs. For the per-run comparison, ``.delay()`` is
+timed on ``--delay-n`` runs twice: one at a time as a caller outside any transaction would dispatch
+them, and all inside one transaction (published together after its commit). A Celery ``group`` of
+``--group-n`` members (frozen ids, one ``apply_async`` each, as Celery applies a group) is timed
+inside a transaction and outside one.
 Prints the figures (medians over the rounds) and a Markdown table; ``--json`` also writes the figures
 to a file (``make bench`` runs this script so, section 7 of its results).
 
